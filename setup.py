@@ -1,0 +1,116 @@
+"""Build script: drives CMake to build the native extension ``kawhi_kernels._C``.
+
+Metadata lives in pyproject.toml; this file only declares the CMake-built extension.
+
+Environment variables:
+    KAWHI_CUDA=0          build without CUDA kernels even when nvcc is available
+    KAWHI_CUDA_ARCHS      SM list for CUDA code (default "80;86;89;90", PTX for the highest)
+    CUDA_HOME             where to look for bin/nvcc first (then PATH, then /usr/local/cuda)
+    CMAKE_BUILD_PARALLEL_LEVEL   parallel compile jobs (default: number of CPUs)
+    CMAKE_GENERATOR       CMake generator (default: Ninja when available, else CMake's default)
+    KAWHI_CMAKE_ARGS      extra arguments for the CMake configure step (shell-split)
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _native_sources() -> list[str]:
+    """Files the native build reads, relative to the project root (listed so sdists carry them)."""
+    files = ["CMakeLists.txt"]
+    csrc = ROOT / "csrc"
+    if csrc.is_dir():
+        files += sorted(p.relative_to(ROOT).as_posix() for p in csrc.rglob("*")
+                        if p.is_file() and p.suffix in {".cpp", ".cu", ".h", ".cuh", ".hpp"})
+    return files
+
+
+class CMakeExtension(Extension):
+    """An extension whose build is delegated to the CMake project in ``sourcedir``."""
+
+    def __init__(self, name: str, sourcedir: Path) -> None:
+        super().__init__(name, sources=_native_sources())
+        self.sourcedir = Path(sourcedir).resolve()
+
+
+class CMakeBuild(build_ext):
+    """Configure and build the CMake project, writing the module where setuptools expects it."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            super().build_extension(ext)
+            return
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        ext_path.parent.mkdir(parents=True, exist_ok=True)
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+        cfg = "Debug" if self.debug else "Release"
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ext_path.suffix
+        configure = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DKAWHI_OUTPUT_DIR={ext_path.parent}",
+            f"-DKAWHI_EXT_SUFFIX={suffix}",
+        ]
+        try:  # the pybind11 of this interpreter (build requirement), if CMake cannot find one
+            import pybind11
+
+            configure.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
+        except ImportError:
+            pass
+        if not os.environ.get("CMAKE_GENERATOR") and shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        configure += shlex.split(os.environ.get("KAWHI_CMAKE_ARGS", ""))
+
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
+        cmake = _cmake_executable()
+        cache = build_temp / "CMakeCache.txt"
+        if cache.exists() and _cached_source_dir(cache) != str(ext.sourcedir):
+            cache.unlink()  # a build dir configured for another checkout
+        subprocess.run([cmake, "-S", str(ext.sourcedir), "-B", str(build_temp), *configure],
+                       check=True)
+        subprocess.run([cmake, "--build", str(build_temp), "--config", cfg, "-j", jobs],
+                       check=True)
+        if not ext_path.exists():
+            raise RuntimeError(f"CMake finished but {ext_path} was not produced")
+
+
+def _cmake_executable() -> str:
+    """The cmake from the `cmake` build requirement when installed, else the one on PATH."""
+    try:
+        import cmake
+
+        candidate = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if candidate.exists():
+            return str(candidate)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("cmake")
+    if found is None:
+        raise RuntimeError("cmake >= 3.24 is required to build kawhi_kernels._C: pip install cmake")
+    return found
+
+
+def _cached_source_dir(cache: Path) -> str | None:
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:INTERNAL="):
+            return str(Path(line.split("=", 1)[1]).resolve())
+    return None
+
+
+setup(
+    ext_modules=[CMakeExtension("kawhi_kernels._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+)
