@@ -86,8 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"bench": "bench_args", "heads": "heads_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH:
+        # Sub-tools parse their own flags (including --help), which argparse's REMAINDER would
+        # reject when they come first.
+        args = parser.parse_args(argv[:1])
+        setattr(args, PASSTHROUGH[argv[0]], argv[1:])
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)
 
 
