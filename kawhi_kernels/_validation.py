@@ -5,6 +5,8 @@ range or consistency) with a message that names the argument and states what was
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -104,6 +106,24 @@ def check_heads(heads, num_heads: int) -> list[int]:
     if len(set(heads)) != len(heads):
         raise ValueError(f"heads: indices must be distinct, got {list(heads)}")
     return list(heads)
+
+
+def check_real(name: str, value, *, low: float | None = None, low_inclusive: bool = True,
+               high: float | None = None) -> float:
+    """Check a finite real number (not a bool), optionally in [low or (low, high]; return a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    if low is None and high is None:
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number, got {v}")
+        return v
+    below = low is not None and (v < low if low_inclusive else v <= low)
+    if not math.isfinite(v) or below or (high is not None and v > high):
+        lo = "(-inf" if low is None else (f"[{low}" if low_inclusive else f"({low}")
+        hi = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"{name}: expected a finite value in {lo}, {hi}, got {value!r}")
+    return v
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

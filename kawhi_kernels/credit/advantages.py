@@ -13,8 +13,14 @@ import math
 
 import torch
 
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_finite, check_tensor
-from .weights import check_real
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_cu_seqlens,
+    check_finite,
+    check_real,
+    check_tensor,
+)
 
 STD_MODES = ("population", "sample", "none")
 _REWARD_DTYPES = FLOAT_DTYPES + INDEX_DTYPES + (torch.bool, torch.int8, torch.int16, torch.uint8)

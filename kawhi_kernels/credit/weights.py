@@ -23,11 +23,10 @@ softmax subtracts the per-response maximum. One host sync (the id range) besides
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_finite, check_ids, check_tensor
+from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_finite, check_ids, check_real, check_tensor
 
 RESCALE_MODES = (None, "mean")
 _MAX_ID = 2**31 - 1  # paragraph ids must fit in int32
@@ -152,13 +151,3 @@ def paragraph_weights(
         # responses without paragraph tokens divide by 0 here; their tokens are all reset to 1 below
         w_tok = w_tok / (seq_sum / seq_cnt)[seq_of_token]
     return torch.where(valid, w_tok, one)
-
-
-def check_real(name: str, value) -> float:
-    """Check that ``value`` is a finite real number (not a bool); return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return value

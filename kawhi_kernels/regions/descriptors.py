@@ -13,11 +13,12 @@ scipy's "reflect" mode is the half-sample symmetric extension (d c b a | a b c d
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
 import torch
+
+from .._validation import check_real
 
 _DESCRIPTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -70,20 +71,6 @@ def check_grid_hw(value, name: str = "grid_hw") -> tuple[int, int]:
             raise ValueError(f"{name}: expected positive grid sizes, got {tuple(value)}")
         out.append(int(v))
     return out[0], out[1]
-
-
-def check_real(name: str, value, *, low: float, low_inclusive: bool,
-               high: float | None = None) -> float:
-    """Check a finite real number in (low, high] / [low, high]; return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
-    below = v < low if low_inclusive else v <= low
-    if not math.isfinite(v) or below or (high is not None and v > high):
-        lo = f"[{low}" if low_inclusive else f"({low}"
-        hi = f"{high}]" if high is not None else "inf)"
-        raise ValueError(f"{name}: expected a finite value in {lo}, {hi}, got {value!r}")
-    return v
 
 
 def patch_size(image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> int:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .descriptors import check_grid_hw, check_image, check_real, patch_descriptors
+from .._validation import check_real
+from .descriptors import check_grid_hw, check_image, patch_descriptors
 from .union_find import merge_components_numpy
 
 __all__ = ["KeyRegions", "select_key_regions", "key_regions_from_descriptors"]

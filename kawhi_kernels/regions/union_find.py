@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .._extension import load_extension
-from .descriptors import check_grid_hw, check_real
+from .._validation import check_real
+from .descriptors import check_grid_hw
 
 
 def merge_mask(lam_max_p: np.ndarray, lam_max_q: np.ndarray, lam_min_p: np.ndarray,
