@@ -34,7 +34,15 @@ def info(_: argparse.Namespace) -> int:
         devices.append(torch.device("cuda", 0))
     else:
         print("GPU           none visible to torch")
-    print(f"extension     {extension_info()}")
+    ext = extension_info()
+    if not ext["available"]:
+        print(f"extension     kawhi_kernels._C not importable: {ext['error']}")
+    else:
+        build = ext["build_info"] or {}
+        cuda = f"CUDA {build.get('cuda')} ({', '.join(build.get('archs') or [])})" if ext["has_cuda"] else "no CUDA"
+        print(f"extension     kawhi_kernels._C built with {build.get('compiler')}, {cuda}")
+        if ext.get("cuda_problem"):
+            print(f"              {ext['cuda_problem']}")
     for device in devices:
         print(f"backends on {device}:")
         for name, reason in available_backends(device).items():
