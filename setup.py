@@ -4,6 +4,9 @@ Metadata lives in pyproject.toml; this file only declares the CMake-built extens
 
 Environment variables:
     KAWHI_CUDA=0          build without CUDA kernels even when nvcc is available
+    KAWHI_CUDA=1          require the CUDA kernels (fail when nvcc is missing or broken)
+    KAWHI_LOCAL_VERSION   PEP 440 local version label appended to the version, e.g. "cu130"
+                          gives 0.1.0+cu130 (tools/build_wheel.sh sets it from nvcc's version)
     KAWHI_CUDA_ARCHS      SM list for CUDA code (default "80;86;89;90", PTX for the highest)
     CUDA_HOME             where to look for bin/nvcc first (then PATH, then /usr/local/cuda)
     CMAKE_BUILD_PARALLEL_LEVEL   parallel compile jobs (default: number of CPUs)
@@ -13,6 +16,7 @@ Environment variables:
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +38,22 @@ def _native_sources() -> list[str]:
         files += sorted(p.relative_to(ROOT).as_posix() for p in csrc.rglob("*")
                         if p.is_file() and p.suffix in {".cpp", ".cu", ".h", ".cuh", ".hpp"})
     return files
+
+
+def _version() -> str:
+    """``kawhi_kernels.__version__`` plus the local label from KAWHI_LOCAL_VERSION, if set."""
+    init = (ROOT / "kawhi_kernels" / "__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', init, re.M)
+    if match is None:
+        raise RuntimeError("kawhi_kernels/__init__.py defines no __version__ = \"...\"")
+    version = match.group(1)
+    label = os.environ.get("KAWHI_LOCAL_VERSION", "").strip()
+    if label:
+        if not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", label):
+            raise RuntimeError(f"KAWHI_LOCAL_VERSION={label!r} is not a PEP 440 local version "
+                               "label (lowercase letters and digits separated by dots, e.g. cu130)")
+        version += "+" + label
+    return version
 
 
 class CMakeExtension(Extension):
@@ -111,6 +131,7 @@ def _cached_source_dir(cache: Path) -> str | None:
 
 
 setup(
+    version=_version(),
     ext_modules=[CMakeExtension("kawhi_kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "ops.h"
 #include "union_find.h"
 #ifdef KAWHI_WITH_CUDA
 #include "cuda_info.h"
@@ -115,6 +116,99 @@ py::dict build_info() {
   return info;
 }
 
+// Argument structs of the CUDA ops, exposed field by field (pybind11 type-checks every field:
+// a negative pointer or a float size is a TypeError at assignment).
+#define KAWHI_FIELD(cls, name) .def_readwrite(#name, &cls::name)
+
+void bind_op_args(py::module_& m) {
+  using kawhi::AttentionMassArgs;
+  using kawhi::CosineAlignmentArgs;
+  using kawhi::SgufDescriptorArgs;
+  py::class_<AttentionMassArgs>(m, "AttentionMassArgs",
+                                "Raw arguments of attention_mass (see csrc/ops.h).")
+      .def(py::init<>())
+      KAWHI_FIELD(AttentionMassArgs, q) KAWHI_FIELD(AttentionMassArgs, k)
+      KAWHI_FIELD(AttentionMassArgs, dtype) KAWHI_FIELD(AttentionMassArgs, total_q)
+      KAWHI_FIELD(AttentionMassArgs, total_k) KAWHI_FIELD(AttentionMassArgs, hq)
+      KAWHI_FIELD(AttentionMassArgs, hk) KAWHI_FIELD(AttentionMassArgs, head_dim)
+      KAWHI_FIELD(AttentionMassArgs, q_stride_t) KAWHI_FIELD(AttentionMassArgs, q_stride_h)
+      KAWHI_FIELD(AttentionMassArgs, k_stride_t) KAWHI_FIELD(AttentionMassArgs, k_stride_h)
+      KAWHI_FIELD(AttentionMassArgs, cu_seqlens_q) KAWHI_FIELD(AttentionMassArgs, cu_seqlens_k)
+      KAWHI_FIELD(AttentionMassArgs, num_seqs) KAWHI_FIELD(AttentionMassArgs, key_region)
+      KAWHI_FIELD(AttentionMassArgs, num_regions) KAWHI_FIELD(AttentionMassArgs, heads)
+      KAWHI_FIELD(AttentionMassArgs, num_heads) KAWHI_FIELD(AttentionMassArgs, row_blocks)
+      KAWHI_FIELD(AttentionMassArgs, num_row_blocks) KAWHI_FIELD(AttentionMassArgs, lse)
+      KAWHI_FIELD(AttentionMassArgs, lse_stride_h) KAWHI_FIELD(AttentionMassArgs, lse_stride_t)
+      KAWHI_FIELD(AttentionMassArgs, causal) KAWHI_FIELD(AttentionMassArgs, softmax_scale)
+      KAWHI_FIELD(AttentionMassArgs, segmented) KAWHI_FIELD(AttentionMassArgs, num_segments)
+      KAWHI_FIELD(AttentionMassArgs, deterministic) KAWHI_FIELD(AttentionMassArgs, out)
+      KAWHI_FIELD(AttentionMassArgs, partial)
+      KAWHI_FIELD(AttentionMassArgs, segment_block_start)
+      KAWHI_FIELD(AttentionMassArgs, segment_blocks) KAWHI_FIELD(AttentionMassArgs, stream)
+      KAWHI_FIELD(AttentionMassArgs, device);
+  py::class_<CosineAlignmentArgs>(m, "CosineAlignmentArgs",
+                                  "Raw arguments of cosine_alignment (see csrc/ops.h).")
+      .def(py::init<>())
+      KAWHI_FIELD(CosineAlignmentArgs, q) KAWHI_FIELD(CosineAlignmentArgs, k)
+      KAWHI_FIELD(CosineAlignmentArgs, dtype) KAWHI_FIELD(CosineAlignmentArgs, total_q)
+      KAWHI_FIELD(CosineAlignmentArgs, total_k) KAWHI_FIELD(CosineAlignmentArgs, hq)
+      KAWHI_FIELD(CosineAlignmentArgs, hk) KAWHI_FIELD(CosineAlignmentArgs, head_dim)
+      KAWHI_FIELD(CosineAlignmentArgs, q_stride_t) KAWHI_FIELD(CosineAlignmentArgs, q_stride_h)
+      KAWHI_FIELD(CosineAlignmentArgs, k_stride_t) KAWHI_FIELD(CosineAlignmentArgs, k_stride_h)
+      KAWHI_FIELD(CosineAlignmentArgs, cu_seqlens_q)
+      KAWHI_FIELD(CosineAlignmentArgs, cu_seqlens_k) KAWHI_FIELD(CosineAlignmentArgs, num_seqs)
+      KAWHI_FIELD(CosineAlignmentArgs, key_region) KAWHI_FIELD(CosineAlignmentArgs, num_regions)
+      KAWHI_FIELD(CosineAlignmentArgs, heads) KAWHI_FIELD(CosineAlignmentArgs, num_heads)
+      KAWHI_FIELD(CosineAlignmentArgs, per_head) KAWHI_FIELD(CosineAlignmentArgs, kbar)
+      KAWHI_FIELD(CosineAlignmentArgs, out) KAWHI_FIELD(CosineAlignmentArgs, stream)
+      KAWHI_FIELD(CosineAlignmentArgs, device);
+  py::class_<SgufDescriptorArgs>(m, "SgufDescriptorArgs",
+                                 "Raw arguments of sguf_descriptors (see csrc/ops.h).")
+      .def(py::init<>())
+      KAWHI_FIELD(SgufDescriptorArgs, image) KAWHI_FIELD(SgufDescriptorArgs, num_images)
+      KAWHI_FIELD(SgufDescriptorArgs, height) KAWHI_FIELD(SgufDescriptorArgs, width)
+      KAWHI_FIELD(SgufDescriptorArgs, stride_b) KAWHI_FIELD(SgufDescriptorArgs, stride_y)
+      KAWHI_FIELD(SgufDescriptorArgs, stride_x) KAWHI_FIELD(SgufDescriptorArgs, stride_c)
+      KAWHI_FIELD(SgufDescriptorArgs, grid_h) KAWHI_FIELD(SgufDescriptorArgs, grid_w)
+      KAWHI_FIELD(SgufDescriptorArgs, patch) KAWHI_FIELD(SgufDescriptorArgs, lut)
+      KAWHI_FIELD(SgufDescriptorArgs, weights) KAWHI_FIELD(SgufDescriptorArgs, radius)
+      KAWHI_FIELD(SgufDescriptorArgs, lam_max) KAWHI_FIELD(SgufDescriptorArgs, lam_min)
+      KAWHI_FIELD(SgufDescriptorArgs, lightness) KAWHI_FIELD(SgufDescriptorArgs, stream)
+      KAWHI_FIELD(SgufDescriptorArgs, device);
+
+  const char* validate_doc =
+      "Host-side check of raw op arguments; raises ValueError naming the bad argument. Needs "
+      "no GPU (the launchers call it first).";
+  m.def("validate", py::overload_cast<const AttentionMassArgs&>(&kawhi::validate), py::arg("args"),
+        validate_doc);
+  m.def("validate", py::overload_cast<const CosineAlignmentArgs&>(&kawhi::validate),
+        py::arg("args"));
+  m.def("validate", py::overload_cast<const SgufDescriptorArgs&>(&kawhi::validate),
+        py::arg("args"));
+  m.def("sguf_shared_bytes", &kawhi::sguf_shared_bytes, py::arg("patch"), py::arg("radius"),
+        "Dynamic shared memory (bytes) the SGUF descriptor kernel needs per thread block.");
+  py::dict codes;
+  codes["float32"] = static_cast<int>(kawhi::kFloat32);
+  codes["float16"] = static_cast<int>(kawhi::kFloat16);
+  codes["bfloat16"] = static_cast<int>(kawhi::kBFloat16);
+  m.attr("DTYPE_CODES") = codes;
+  m.attr("MAX_HEAD_DIM") = kawhi::kMaxHeadDim;
+
+#ifdef KAWHI_WITH_CUDA
+  using Release = py::call_guard<py::gil_scoped_release>;
+  m.def("attention_mass", &kawhi::launch_attention_mass, py::arg("args"), Release(),
+        "Launch attention_mass on args.stream (asynchronous). ValueError for bad arguments, "
+        "RuntimeError naming the kernel and the CUDA error when a launch or runtime call fails.");
+  m.def("cosine_alignment", &kawhi::launch_cosine_alignment, py::arg("args"), Release(),
+        "Launch cosine_alignment on args.stream (asynchronous); errors as attention_mass.");
+  m.def("sguf_descriptors", &kawhi::launch_sguf_descriptors, py::arg("args"), Release(),
+        "Launch the SGUF descriptor kernel on args.stream (asynchronous); errors as "
+        "attention_mass.");
+#endif
+}
+
+#undef KAWHI_FIELD
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -140,5 +234,12 @@ Neighbours p, q merge iff sqrt(dmax^2 + dmin^2) / max(lam_max_p, lam_max_q, eps)
         "cudaRuntimeGetVersion of the statically linked runtime (e.g. 13000), -1 on failure.");
   m.def("cuda_driver_version", &kawhi::cuda_driver_version,
         "cudaDriverGetVersion (0 when no driver is installed, -1 on failure).");
+  m.def("cuda_device_count", &kawhi::cuda_device_count,
+        "Number of CUDA devices this module's (statically linked) runtime can use; RuntimeError "
+        "naming cudaGetDeviceCount and the CUDA error when the query fails (no driver, driver "
+        "older than the runtime).");
+  m.def("cuda_device_capability", &kawhi::cuda_device_capability, py::arg("device"),
+        "Compute capability of a device as major * 10 + minor (e.g. 90); RuntimeError on failure.");
 #endif
+  bind_op_args(m);
 }

@@ -44,8 +44,9 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def cuda_unavailable_reason(device: torch.device) -> str | None:
-    """None when the CUDA extension can run on ``device``, else a reason."""
-    from ._extension import load_extension
+    """None when the CUDA extension can run on ``device``, else a reason (extension missing or
+    built without CUDA, no driver or one too old for its runtime, no code for the GPU's arch)."""
+    from ._extension import cuda_backend_problem, load_extension
 
     ext = load_extension()
     if ext is None:
@@ -54,7 +55,7 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
         return "kawhi_kernels._C was built without CUDA (nvcc was not found at build time)"
     if device.type != "cuda":
         return f"tensors are on {device}; the CUDA backend needs CUDA tensors"
-    return None
+    return cuda_backend_problem(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def resolve_backend(backend: str, device: torch.device, op_name: str,

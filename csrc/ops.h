@@ -1,0 +1,125 @@
+// Argument structs, host-side validation and launchers of the CUDA ops.
+//
+// Pure C++ header (no CUDA headers): module.cpp, compiled by the host compiler, fills these
+// structs from Python integers (raw device pointers, sizes, strides, dtype codes, stream handle),
+// validate_*() checks them on the host and throws std::invalid_argument (a Python ValueError)
+// naming the argument, and launch_*() (defined in the .cu files, CUDA builds only) runs the
+// kernels on the given stream, throwing kawhi::CudaError (a Python RuntimeError) that names the
+// kernel and the CUDA error when a runtime call or a launch fails.
+//
+// Pointers are device addresses as integers (torch's Tensor.data_ptr()); 0 means "absent" and is
+// accepted only where an argument is optional or its array has no elements. Strides are in
+// elements. All index arithmetic in the kernels is int64.
+#pragma once
+
+#include <cstdint>
+
+namespace kawhi {
+
+// Element types of q/k (dtype codes exchanged with Python).
+enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Largest head dim the kernels accept: one warp holds a row, 8 values per lane.
+constexpr int64_t kMaxHeadDim = 256;
+
+// attention_mass: softmax mass of query rows on key regions.
+//   s_ij = softmax_scale * q_i . k_j over the keys j of row i's sequence visible to it
+//   (causal: j <= i_local + Lk - Lq), p_ij = exp(s_ij - lse_i) with lse_i the natural-log
+//   normaliser (computed by an online softmax, or read from `lse` where a non-finite value
+//   counts as 0, as the torch reference does), and
+//   out[row i or its segment, slot, key_region[j]] += p_ij for key_region[j] >= 0.
+// Work is split into row blocks (host-built table, int32 [num_row_blocks, 4]: sequence, first
+// global row, row count, segment): every row of a block belongs to one sequence and, when
+// segmented, one segment (rows of segment -1 and sequences without keys appear in no block).
+// Accumulation: per-row outputs are owned by one warp (no atomics); segmented outputs use fp32
+// atomicAdd, or with `deterministic` per-block partial rows [num_row_blocks, num_heads, R]
+// summed afterwards in the fixed order of the CSR lists segment_block_start [num_segments + 1]
+// / segment_blocks [num_row_blocks].
+struct AttentionMassArgs {
+  uintptr_t q = 0;   // [total_q, hq, d], last dim contiguous
+  uintptr_t k = 0;   // [total_k, hk, d], last dim contiguous
+  int dtype = -1;    // DtypeCode of q and k
+  int64_t total_q = -1, total_k = -1, hq = -1, hk = -1, head_dim = -1;
+  int64_t q_stride_t = -1, q_stride_h = -1, k_stride_t = -1, k_stride_h = -1;
+  uintptr_t cu_seqlens_q = 0, cu_seqlens_k = 0;  // int32 [num_seqs + 1]
+  int64_t num_seqs = -1;
+  uintptr_t key_region = 0;  // int32 [total_k], in [0, num_regions) or -1
+  int64_t num_regions = -1;
+  uintptr_t heads = 0;       // int32 [num_heads], query-head index of each output slot
+  int64_t num_heads = -1;
+  uintptr_t row_blocks = 0;  // int32 [num_row_blocks, 4]
+  int64_t num_row_blocks = -1;
+  uintptr_t lse = 0;         // optional fp32 [hq, total_q]
+  int64_t lse_stride_h = 0, lse_stride_t = 0;
+  bool causal = true;
+  double softmax_scale = 0.0;
+  bool segmented = false;
+  int64_t num_segments = 0;
+  bool deterministic = false;
+  uintptr_t out = 0;         // fp32 [segmented ? num_segments : total_q, num_heads, num_regions]
+  uintptr_t partial = 0;     // fp32 [num_row_blocks, num_heads, num_regions] (segmented+deterministic)
+  uintptr_t segment_block_start = 0;  // int32 [num_segments + 1] (segmented+deterministic)
+  uintptr_t segment_blocks = 0;       // int32 [num_row_blocks]   (segmented+deterministic)
+  uintptr_t stream = 0;      // cudaStream_t as an integer (0: legacy default stream)
+  int device = -1;           // CUDA device index the pointers live on
+};
+
+// cosine_alignment: mean cosine of each query row to the keys of each region of its sequence.
+//   kbar[b, r, kv, :] = mean over keys j of sequence b with key_region[j] == r of k_j / |k_j|
+//   (zero vectors count with unit vector 0; 0 for an empty region), written to the fp32
+//   workspace kbar [num_seqs, num_regions, hk, d]; then for row i of sequence b and slot s
+//   (head h = heads[s], kv = h / (hq / hk)): c = (q_i / |q_i|) . kbar[b, r, kv] and
+//   out[i, s, r] = c (per_head) or out[i, r] = mean over slots of c.
+struct CosineAlignmentArgs {
+  uintptr_t q = 0, k = 0;
+  int dtype = -1;
+  int64_t total_q = -1, total_k = -1, hq = -1, hk = -1, head_dim = -1;
+  int64_t q_stride_t = -1, q_stride_h = -1, k_stride_t = -1, k_stride_h = -1;
+  uintptr_t cu_seqlens_q = 0, cu_seqlens_k = 0;  // int32 [num_seqs + 1]
+  int64_t num_seqs = -1;
+  uintptr_t key_region = 0;  // int32 [total_k]
+  int64_t num_regions = -1;
+  uintptr_t heads = 0;       // int32 [num_heads]
+  int64_t num_heads = -1;
+  bool per_head = false;
+  uintptr_t kbar = 0;        // fp32 workspace [num_seqs, num_regions, hk, d]
+  uintptr_t out = 0;         // fp32 [total_q, num_heads, R] (per_head) or [total_q, R]
+  uintptr_t stream = 0;
+  int device = -1;
+};
+
+// SGUF per-patch descriptors of a batch of same-size uint8 RGB images (one fused kernel, one
+// thread block per patch): CIELab L through per-channel lookup tables (lut fp32 [3, 256]:
+// linearised sRGB times the Y row of the XYZ matrix), L = 116 f(Y) - 16, Gaussian smoothing
+// with `weights` fp32 [2 * radius + 1] (scipy "reflect" boundary), Sobel gradients, patch means
+// of the structure tensor, its eigenvalues, and the patch mean of smoothed L.
+struct SgufDescriptorArgs {
+  uintptr_t image = 0;  // uint8 [num_images, height, width, 3]
+  int64_t num_images = -1, height = -1, width = -1;
+  int64_t stride_b = -1, stride_y = -1, stride_x = -1, stride_c = -1;
+  int64_t grid_h = -1, grid_w = -1, patch = -1;
+  uintptr_t lut = 0;      // fp32 [3, 256]
+  uintptr_t weights = 0;  // fp32 [2 * radius + 1]
+  int64_t radius = -1;
+  uintptr_t lam_max = 0, lam_min = 0, lightness = 0;  // fp32 [num_images, grid_h * grid_w]
+  uintptr_t stream = 0;
+  int device = -1;
+};
+
+// Host-side checks (always compiled): throw std::invalid_argument naming the argument.
+void validate(const AttentionMassArgs& a);
+void validate(const CosineAlignmentArgs& a);
+void validate(const SgufDescriptorArgs& a);
+
+// Dynamic shared memory (bytes) the descriptor kernel needs for a patch size and radius.
+int64_t sguf_shared_bytes(int64_t patch, int64_t radius);
+
+#ifdef KAWHI_WITH_CUDA
+// Launchers (attention_mass.cu, cosine_alignment.cu, sguf_descriptors.cu). They call validate()
+// first, then launch asynchronously on args.stream; errors throw kawhi::CudaError.
+void launch_attention_mass(const AttentionMassArgs& a);
+void launch_cosine_alignment(const CosineAlignmentArgs& a);
+void launch_sguf_descriptors(const SgufDescriptorArgs& a);
+#endif
+
+}  // namespace kawhi

@@ -1,0 +1,173 @@
+// Host-side validation of the CUDA ops' raw arguments (see ops.h). Pure C++: compiled in every
+// build, so the checks themselves never need a GPU.
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+namespace kawhi {
+namespace {
+
+[[noreturn]] void fail(const std::string& op, const std::string& msg) {
+  throw std::invalid_argument(op + ": " + msg);
+}
+
+void check_min(const std::string& op, const char* name, int64_t v, int64_t lo) {
+  if (v < lo)
+    fail(op, std::string(name) + ": expected an integer >= " + std::to_string(lo) + ", got " +
+                 std::to_string(v));
+}
+
+void check_max(const std::string& op, const char* name, int64_t v, int64_t hi, const char* why) {
+  if (v > hi)
+    fail(op, std::string(name) + ": expected at most " + std::to_string(hi) + " (" + why +
+                 "), got " + std::to_string(v));
+}
+
+// A pointer must be non-null unless its array has no elements.
+void check_ptr(const std::string& op, const char* name, uintptr_t p, int64_t elements) {
+  if (p == 0 && elements > 0)
+    fail(op, std::string(name) + ": null device pointer for an array of " +
+                 std::to_string(elements) + " elements");
+}
+
+// a * b, or an error when it overflows int64 (sizes arrive from Python unchecked).
+int64_t mul(const std::string& op, int64_t a, int64_t b) {
+  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a)
+    fail(op, "array sizes overflow int64 (" + std::to_string(a) + " * " + std::to_string(b) + ")");
+  return a * b;
+}
+
+void check_dtype(const std::string& op, int dtype) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    fail(op, "dtype: expected a dtype code 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                 std::to_string(dtype));
+}
+
+void check_device(const std::string& op, int device) {
+  if (device < 0) fail(op, "device: expected a CUDA device index >= 0, got " + std::to_string(device));
+}
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+constexpr int64_t kGridYMax = 65535;
+
+// Checks shared by the two q/k ops.
+void check_qk(const std::string& op, int dtype, int64_t total_q, int64_t total_k, int64_t hq,
+              int64_t hk, int64_t d, int64_t qst, int64_t qsh, int64_t kst, int64_t ksh,
+              int64_t num_seqs, int64_t num_regions, int64_t num_heads) {
+  check_dtype(op, dtype);
+  check_min(op, "total_q", total_q, 0);
+  check_min(op, "total_k", total_k, 0);
+  check_max(op, "total_q", total_q, kInt32Max, "rows are indexed with int32 tables");
+  check_max(op, "total_k", total_k, kInt32Max, "cu_seqlens_k is int32");
+  check_min(op, "hq", hq, 1);
+  check_min(op, "hk", hk, 1);
+  if (hq % hk != 0)
+    fail(op, "hk: number of KV heads (" + std::to_string(hk) +
+                 ") must divide the number of query heads (" + std::to_string(hq) + ")");
+  check_min(op, "head_dim", d, 1);
+  check_max(op, "head_dim", d, kMaxHeadDim, "a warp holds one row of q in registers");
+  check_min(op, "q_stride_t", qst, 0);
+  check_min(op, "q_stride_h", qsh, 0);
+  check_min(op, "k_stride_t", kst, 0);
+  check_min(op, "k_stride_h", ksh, 0);
+  check_min(op, "num_seqs", num_seqs, 1);
+  check_min(op, "num_regions", num_regions, 0);
+  check_min(op, "num_heads", num_heads, 1);
+  check_max(op, "num_heads", num_heads, kGridYMax, "one grid row per head");
+}
+
+}  // namespace
+
+void validate(const AttentionMassArgs& a) {
+  const std::string op = "attention_mass";
+  check_qk(op, a.dtype, a.total_q, a.total_k, a.hq, a.hk, a.head_dim, a.q_stride_t, a.q_stride_h,
+           a.k_stride_t, a.k_stride_h, a.num_seqs, a.num_regions, a.num_heads);
+  check_min(op, "num_row_blocks", a.num_row_blocks, 0);
+  check_max(op, "num_row_blocks", a.num_row_blocks, kInt32Max, "one grid column per block");
+  check_min(op, "num_segments", a.num_segments, 0);
+  if (!std::isfinite(a.softmax_scale) || a.softmax_scale <= 0.0)
+    fail(op, "softmax_scale: expected a positive finite number, got " +
+                 std::to_string(a.softmax_scale));
+  if (a.lse != 0) {
+    check_min(op, "lse_stride_h", a.lse_stride_h, 0);
+    check_min(op, "lse_stride_t", a.lse_stride_t, 0);
+  }
+  check_device(op, a.device);
+  check_ptr(op, "q", a.q, mul(op, mul(op, a.total_q, a.hq), a.head_dim));
+  check_ptr(op, "k", a.k, mul(op, mul(op, a.total_k, a.hk), a.head_dim));
+  check_ptr(op, "cu_seqlens_q", a.cu_seqlens_q, a.num_seqs + 1);
+  check_ptr(op, "cu_seqlens_k", a.cu_seqlens_k, a.num_seqs + 1);
+  check_ptr(op, "key_region", a.key_region, a.total_k);
+  check_ptr(op, "heads", a.heads, a.num_heads);
+  check_ptr(op, "row_blocks", a.row_blocks, mul(op, a.num_row_blocks, 4));
+  const int64_t out_rows = a.segmented ? a.num_segments : a.total_q;
+  const int64_t row_elems = mul(op, a.num_heads, a.num_regions);
+  check_ptr(op, "out", a.out, mul(op, out_rows, row_elems));
+  if (a.segmented && a.deterministic) {
+    check_ptr(op, "partial", a.partial, mul(op, a.num_row_blocks, row_elems));
+    check_ptr(op, "segment_block_start", a.segment_block_start, a.num_segments + 1);
+    check_ptr(op, "segment_blocks", a.segment_blocks, a.num_row_blocks);
+  }
+}
+
+void validate(const CosineAlignmentArgs& a) {
+  const std::string op = "cosine_alignment";
+  check_qk(op, a.dtype, a.total_q, a.total_k, a.hq, a.hk, a.head_dim, a.q_stride_t, a.q_stride_h,
+           a.k_stride_t, a.k_stride_h, a.num_seqs, a.num_regions, a.num_heads);
+  check_device(op, a.device);
+  check_ptr(op, "q", a.q, mul(op, mul(op, a.total_q, a.hq), a.head_dim));
+  check_ptr(op, "k", a.k, mul(op, mul(op, a.total_k, a.hk), a.head_dim));
+  check_ptr(op, "cu_seqlens_q", a.cu_seqlens_q, a.num_seqs + 1);
+  check_ptr(op, "cu_seqlens_k", a.cu_seqlens_k, a.num_seqs + 1);
+  check_ptr(op, "key_region", a.key_region, a.total_k);
+  check_ptr(op, "heads", a.heads, a.num_heads);
+  const int64_t kbar_items = mul(op, mul(op, a.num_seqs, a.num_regions), a.hk);
+  check_max(op, "num_seqs * num_regions * hk", kbar_items, kInt32Max, "one thread block each");
+  check_ptr(op, "kbar", a.kbar, mul(op, kbar_items, a.head_dim));
+  const int64_t out_elems = mul(op, a.total_q, a.per_head ? mul(op, a.num_heads, a.num_regions)
+                                                          : a.num_regions);
+  check_ptr(op, "out", a.out, out_elems);
+}
+
+int64_t sguf_shared_bytes(int64_t patch, int64_t radius) {
+  const int64_t edge = patch + 2 * (radius + 1);   // lightness tile: patch plus halo
+  const int64_t inner = patch + 2;                 // smoothed tile: patch plus the Sobel ring
+  const int64_t floats = edge * edge + inner * edge + (2 * radius + 1) + 4 * 32;
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
+void validate(const SgufDescriptorArgs& a) {
+  const std::string op = "sguf_descriptors";
+  check_min(op, "num_images", a.num_images, 0);
+  check_max(op, "num_images", a.num_images, kGridYMax, "one grid row per image");
+  check_min(op, "grid_h", a.grid_h, 1);
+  check_min(op, "grid_w", a.grid_w, 1);
+  check_min(op, "patch", a.patch, 1);
+  check_max(op, "patch", a.patch, 1024, "one thread block per patch");
+  check_max(op, "num_images * grid_h * grid_w", mul(op, a.num_images, mul(op, a.grid_h, a.grid_w)),
+            kInt32Max, "one thread block per patch");
+  if (a.height != mul(op, a.grid_h, a.patch) || a.width != mul(op, a.grid_w, a.patch))
+    fail(op, "height/width: expected (grid_h * patch) x (grid_w * patch) = " +
+                 std::to_string(a.grid_h * a.patch) + " x " + std::to_string(a.grid_w * a.patch) +
+                 ", got " + std::to_string(a.height) + " x " + std::to_string(a.width));
+  check_min(op, "radius", a.radius, 0);
+  check_max(op, "radius", a.radius, 1024, "Gaussian taps are staged in shared memory");
+  check_min(op, "stride_b", a.stride_b, 0);
+  check_min(op, "stride_y", a.stride_y, 0);
+  check_min(op, "stride_x", a.stride_x, 0);
+  check_min(op, "stride_c", a.stride_c, 0);
+  check_device(op, a.device);
+  const int64_t pixels = mul(op, mul(op, a.num_images, a.height), a.width);
+  check_ptr(op, "image", a.image, mul(op, pixels, 3));
+  check_ptr(op, "lut", a.lut, 3 * 256);
+  check_ptr(op, "weights", a.weights, 2 * a.radius + 1);
+  const int64_t n = mul(op, a.num_images, mul(op, a.grid_h, a.grid_w));
+  check_ptr(op, "lam_max", a.lam_max, n);
+  check_ptr(op, "lam_min", a.lam_min, n);
+  check_ptr(op, "lightness", a.lightness, n);
+}
+
+}  // namespace kawhi

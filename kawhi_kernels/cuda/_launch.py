@@ -1,0 +1,61 @@
+"""Launch plumbing shared by the CUDA backend wrappers: the extension for a device, dtype codes,
+raw pointers, strides and the current stream, all as plain Python integers for ``_C``."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from .._extension import cuda_backend_problem, load_extension
+
+# q/k dtypes the kernels read (fp64 inputs are handled by the torch reference instead).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # csrc/ops.h kMaxHeadDim: one warp holds a row, 8 values per lane
+
+
+def device_index(device: torch.device) -> int:
+    """Index of a CUDA device (``cuda`` without an index means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def extension_for(device: torch.device, op: str) -> ModuleType:
+    """The ``_C`` module when its CUDA kernels can run on ``device``; RuntimeError saying why not."""
+    if device.type != "cuda":
+        raise RuntimeError(f"{op}: the CUDA backend needs CUDA tensors, got tensors on {device}")
+    problem = cuda_backend_problem(device_index(device))
+    if problem is not None:
+        raise RuntimeError(f"{op}: the CUDA backend cannot run: {problem}")
+    return load_extension()
+
+
+def dtype_code(ext: ModuleType, name: str, dtype: torch.dtype) -> int:
+    """The ``_C`` dtype code of a q/k dtype; TypeError naming ``name`` for anything else."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the CUDA kernels read float32, float16 or bfloat16, got {dtype}")
+    return int(ext.DTYPE_CODES[str(dtype).replace("torch.", "")])
+
+
+def check_head_dim(name: str, d: int) -> None:
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {d} exceeds the CUDA backend limit {MAX_HEAD_DIM}; "
+                         "use backend='torch'")
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` when its last dim has stride 1 (other strides are passed on), else a contiguous copy."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def int32_on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Contiguous int32 copy (or ``x`` itself) on ``device``."""
+    return x.to(device=device, dtype=torch.int32).contiguous()
+
+
+def stream_handle(device: torch.device) -> int:
+    """cudaStream_t of torch's current stream on ``device``, as an integer."""
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def ptr(x: torch.Tensor | None) -> int:
+    """Device address of a tensor's first element (0 for None)."""
+    return 0 if x is None else int(x.data_ptr())

@@ -1,0 +1,120 @@
+"""CUDA ``attention_mass`` (hand-written kernel in csrc/attention_mass.cu), thin wrapper.
+
+Builds the row-block table on the host, hands raw pointers, sizes, strides, the dtype code and
+torch's current stream to ``kawhi_kernels._C.attention_mass`` and returns the fp32 output. One
+warp per (row block, head): an online-softmax pass for each row's normaliser (skipped when
+``lse`` is given), then a second pass adding p = exp(s − lse) into the row's regions. Per-row
+outputs are written without atomics; segment outputs use fp32 atomicAdd, or with
+``deterministic=True`` per-block partial rows summed in a fixed order (bit-identical runs).
+
+fp64 inputs are not run by the kernel: they fall back to the torch reference (and return fp64,
+as the op's contract states).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference.attention_mass import attention_mass_reference
+from ._launch import (check_head_dim, device_index, dtype_code, extension_for, int32_on,
+                      last_dim_contiguous, ptr, stream_handle)
+from ._tables import row_blocks, segment_block_lists
+
+# Default rows per block: small blocks give many warps; with deterministic segment sums every
+# block owns a partial output row, so larger blocks keep that buffer small.
+DEFAULT_BLOCK_ROWS = 8
+DEFAULT_PARTIAL_BLOCK_ROWS = 64
+
+
+def attention_mass_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    key_region: torch.Tensor,
+    num_regions: int,
+    *,
+    query_segment: torch.Tensor | None = None,
+    num_segments: int = 0,
+    heads: list[int] | None = None,
+    lse: torch.Tensor | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """CUDA ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
+
+    Args:
+        q: [total_q, Hq, D] fp16/bf16/fp32 CUDA tensor (fp64 → torch reference), D ≤ 256.
+        k: [total_k, Hk, D] same dtype and device, Hq % Hk == 0 (K is never repeated).
+        cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
+        key_region: int32/int64 [total_k] in [0, R) or −1.
+        num_regions: R.
+        query_segment: optional int [total_q] in [0, num_segments) or −1; num_segments: S.
+        heads: selected query heads in output order (default all).
+        lse: optional fp32 [Hq, total_q] natural-log normalisers (skips the first pass).
+        causal: bottom-right aligned causal mask per sequence.
+        softmax_scale: default 1/√D.
+        deterministic: bit-identical segment sums (no float atomics).
+        block_rows: rows per warp (default 8, or 64 for deterministic segment sums).
+
+    Returns:
+        fp32 [num_segments or total_q, len(heads), R] (fp64 for fp64 inputs).
+    """
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
+    heads = list(range(hq)) if heads is None else list(heads)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    segmented = query_segment is not None
+    if q.dtype == torch.float64:
+        return attention_mass_reference(
+            q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
+            query_segment=query_segment, num_segments=num_segments if segmented else None,
+            heads=heads, lse=lse, causal=causal, softmax_scale=scale)
+    device = q.device
+    ext = extension_for(device, "attention_mass")
+    check_head_dim("q", d)
+    code = dtype_code(ext, "q", q.dtype)
+    num_out = num_segments if segmented else q.shape[0]
+    partial = segmented and deterministic
+    if block_rows is None:
+        block_rows = DEFAULT_PARTIAL_BLOCK_ROWS if partial else DEFAULT_BLOCK_ROWS
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment)
+    if num_out == 0 or num_regions == 0 or blocks.shape[0] == 0:
+        return torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
+
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    out = torch.empty(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
+    keep = [int32_on(cu_seqlens_q, device), int32_on(cu_seqlens_k, device),
+            int32_on(key_region, device), torch.tensor(heads, dtype=torch.int32, device=device),
+            blocks.to(device)]
+    cu_q, cu_k, region, head_tab, block_tab = keep
+    a = ext.AttentionMassArgs()
+    a.q, a.k, a.dtype = ptr(q), ptr(k), code
+    a.total_q, a.total_k, a.hq, a.hk, a.head_dim = q.shape[0], k.shape[0], hq, hk, d
+    a.q_stride_t, a.q_stride_h = q.stride(0), q.stride(1)
+    a.k_stride_t, a.k_stride_h = k.stride(0), k.stride(1)
+    a.cu_seqlens_q, a.cu_seqlens_k, a.num_seqs = ptr(cu_q), ptr(cu_k), cu_q.numel() - 1
+    a.key_region, a.num_regions = ptr(region), num_regions
+    a.heads, a.num_heads = ptr(head_tab), len(heads)
+    a.row_blocks, a.num_row_blocks = ptr(block_tab), block_tab.shape[0]
+    if lse is not None:
+        a.lse, a.lse_stride_h, a.lse_stride_t = ptr(lse), lse.stride(0), lse.stride(1)
+    a.causal, a.softmax_scale = bool(causal), float(scale)
+    a.segmented, a.num_segments = segmented, num_segments if segmented else 0
+    a.deterministic = bool(deterministic)
+    a.out = ptr(out)
+    if partial:
+        start, order = segment_block_lists(blocks, num_segments)
+        scratch = torch.empty(block_tab.shape[0], len(heads), num_regions, dtype=torch.float32,
+                              device=device)
+        keep += [start.to(device), order.to(device), scratch]
+        a.segment_block_start, a.segment_blocks, a.partial = ptr(keep[-3]), ptr(keep[-2]), ptr(scratch)
+    a.stream, a.device = stream_handle(device), device_index(device)
+    ext.attention_mass(a)
+    # Temporaries in `keep` are freed after the launch was queued on the current stream: torch's
+    # caching allocator only hands their memory to later work on that same stream.
+    del keep
+    return out

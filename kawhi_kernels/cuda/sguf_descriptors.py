@@ -1,0 +1,60 @@
+"""CUDA SGUF per-patch descriptors (csrc/sguf_descriptors.cu), thin wrapper.
+
+Same pipeline and result as :func:`kawhi_kernels.regions.patch_descriptors` in float32: CIELab
+lightness through the reference's per-channel lookup tables, Gaussian smoothing (scipy
+``gaussian_filter``, mode "reflect", truncate 4), Sobel gradients, patch-mean structure tensor,
+its eigenvalues and the patch-mean lightness. One fused kernel for the whole batch, one thread
+block per patch (halo staged in shared memory).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..regions.descriptors import (_Y_FROM_LINEAR_RGB, check_grid_hw, check_image, check_real,
+                                   gaussian_kernel1d, patch_size)
+from ._launch import device_index, extension_for, ptr, stream_handle
+
+
+def lightness_tables(device: torch.device) -> torch.Tensor:
+    """fp32 [3, 256]: linearised sRGB value times the Y row of the sRGB→XYZ matrix, per channel,
+    computed in float64 and rounded once, exactly as ``srgb_to_lightness`` builds them."""
+    v = torch.arange(256, dtype=torch.float64) / 255.0
+    linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+    return torch.stack([linear * c for c in _Y_FROM_LINEAR_RGB]).to(device, torch.float32)
+
+
+def patch_descriptors_cuda(image, grid_hw, sigma: float = 1.0):
+    """Per-patch SGUF descriptors of one image or a batch on the GPU.
+
+    Args:
+        image: uint8 RGB CUDA tensor [H, W, 3] or [B, H, W, 3], H = gh·P and W = gw·P for one
+            square patch size P.
+        grid_hw: (gh, gw) token grid; patch (r, c) is token r·gw + c.
+        sigma: Gaussian smoothing of the lightness (> 0; truncate 4.0 as scipy). The kernel
+            stages a (P + 2·(radius + 1))² tile in shared memory: a ValueError says when a large
+            P or sigma does not fit the device.
+
+    Returns:
+        (lam_max, lam_min, lightness): fp32 [N] each (N = gh·gw), or [B, N] for a batch.
+    """
+    image = check_image(image, allow_batch=True)
+    gh, gw = check_grid_hw(grid_hw)
+    sigma = check_real("sigma", sigma, low=0.0, low_inclusive=False)
+    patch = patch_size((image.shape[-3], image.shape[-2]), (gh, gw))
+    ext = extension_for(image.device, "sguf_descriptors")
+    batched = image.dim() == 4
+    images = (image if batched else image.unsqueeze(0)).contiguous()
+    num_images, device = images.shape[0], image.device
+    outs = [torch.empty(num_images, gh * gw, dtype=torch.float32, device=device) for _ in range(3)]
+    weights = gaussian_kernel1d(sigma).to(device=device, dtype=torch.float32)
+    luts = lightness_tables(device)
+    a = ext.SgufDescriptorArgs()
+    a.image, a.num_images, a.height, a.width = ptr(images), num_images, images.shape[1], images.shape[2]
+    a.stride_b, a.stride_y, a.stride_x, a.stride_c = images.stride()
+    a.grid_h, a.grid_w, a.patch = gh, gw, patch
+    a.lut, a.weights, a.radius = ptr(luts), ptr(weights), (weights.numel() - 1) // 2
+    a.lam_max, a.lam_min, a.lightness = (ptr(o) for o in outs)
+    a.stream, a.device = stream_handle(device), device_index(device)
+    ext.sguf_descriptors(a)
+    del weights, luts  # stream-ordered reuse only (see attention_mass_cuda)
+    return tuple(o if batched else o[0] for o in outs)

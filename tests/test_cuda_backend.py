@@ -1,0 +1,679 @@
+"""The hand-written CUDA backend (kawhi_kernels._C kernels + kawhi_kernels.cuda wrappers).
+
+Host-side (no GPU needed): argument validation of the raw ``_C`` entry points, the error a
+launch raises where no driver is present, the backend's availability reasons, the host-built
+work tables, and the fp64 fallback. GPU tests (marked ``gpu``, skipped without a usable CUDA
+device) compare every kernel with the torch reference.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from kawhi_kernels._extension import arch_covers, cuda_backend_problem, load_extension
+from kawhi_kernels.cuda import attention_mass_cuda, cosine_alignment_cuda
+from kawhi_kernels.cuda._launch import MAX_HEAD_DIM
+from kawhi_kernels.cuda._tables import row_blocks, segment_block_lists
+from kawhi_kernels.reference.attention_mass import attention_mass_reference
+from kawhi_kernels.reference.cosine_alignment import cosine_alignment_reference
+from test_build import ROOT, _cmake, _configure, _nvcc
+
+EXT = load_extension()
+HAS_CUDA_BUILD = EXT is not None and EXT.has_cuda()
+needs_cuda_build = pytest.mark.skipif(not HAS_CUDA_BUILD,
+                                      reason="kawhi_kernels._C was built without CUDA")
+
+
+def _usable_device_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return cuda_backend_problem(torch.cuda.current_device())
+
+
+GPU_PROBLEM = _usable_device_problem()
+
+
+def gpu_test(fn):
+    """Mark a test ``gpu`` and skip it unless the CUDA kernels can run on the current device."""
+    fn = pytest.mark.skipif(GPU_PROBLEM is not None, reason=f"no usable CUDA device: {GPU_PROBLEM}")(fn)
+    return pytest.mark.gpu(fn)
+
+
+def _device_count_or_none():
+    try:
+        return EXT.cuda_device_count()
+    except RuntimeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- raw arguments
+
+FAKE = 1 << 20  # a non-null "device pointer"; host tests never launch with it on a real GPU
+
+
+def _mass_args(**overrides):
+    a = EXT.AttentionMassArgs()
+    fields = dict(q=FAKE, k=FAKE, dtype=0, total_q=10, total_k=12, hq=8, hk=2, head_dim=64,
+                  q_stride_t=8 * 64, q_stride_h=64, k_stride_t=2 * 64, k_stride_h=64,
+                  cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, num_seqs=2, key_region=FAKE,
+                  num_regions=3, heads=FAKE, num_heads=8, row_blocks=FAKE, num_row_blocks=4,
+                  causal=True, softmax_scale=0.125, out=FAKE, device=0)
+    fields.update(overrides)
+    for name, value in fields.items():
+        setattr(a, name, value)
+    return a
+
+
+def _cosine_args(**overrides):
+    a = EXT.CosineAlignmentArgs()
+    fields = dict(q=FAKE, k=FAKE, dtype=1, total_q=10, total_k=12, hq=7, hk=1, head_dim=80,
+                  q_stride_t=7 * 80, q_stride_h=80, k_stride_t=80, k_stride_h=80,
+                  cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, num_seqs=2, key_region=FAKE,
+                  num_regions=1, heads=FAKE, num_heads=3, per_head=False, kbar=FAKE, out=FAKE,
+                  device=0)
+    fields.update(overrides)
+    for name, value in fields.items():
+        setattr(a, name, value)
+    return a
+
+
+def _sguf_args(**overrides):
+    a = EXT.SgufDescriptorArgs()
+    fields = dict(image=FAKE, num_images=2, height=56, width=84, stride_b=56 * 84 * 3,
+                  stride_y=84 * 3, stride_x=3, stride_c=1, grid_h=2, grid_w=3, patch=28,
+                  lut=FAKE, weights=FAKE, radius=4, lam_max=FAKE, lam_min=FAKE,
+                  lightness=FAKE, device=0)
+    fields.update(overrides)
+    for name, value in fields.items():
+        setattr(a, name, value)
+    return a
+
+
+@needs_cuda_build
+def test_constants_match_the_python_side():
+    assert EXT.DTYPE_CODES == {"float32": 0, "float16": 1, "bfloat16": 2}
+    assert EXT.MAX_HEAD_DIM == MAX_HEAD_DIM == 256
+    for name in ("attention_mass", "cosine_alignment", "sguf_descriptors", "cuda_device_count",
+                 "cuda_device_capability", "validate"):
+        assert callable(getattr(EXT, name)), name
+
+
+@needs_cuda_build
+def test_valid_arguments_pass_validation():
+    EXT.validate(_mass_args())
+    EXT.validate(_mass_args(segmented=True, num_segments=3, deterministic=True, partial=FAKE,
+                            segment_block_start=FAKE, segment_blocks=FAKE, lse=FAKE,
+                            lse_stride_h=10, lse_stride_t=1))
+    EXT.validate(_mass_args(total_q=0, q=0, out=0, num_row_blocks=0, row_blocks=0))
+    EXT.validate(_cosine_args())
+    EXT.validate(_cosine_args(per_head=True, total_k=0, k=0, key_region=0))
+    EXT.validate(_sguf_args())
+    EXT.validate(_sguf_args(num_images=0, image=0, lam_max=0, lam_min=0, lightness=0))
+
+
+MASS_ERRORS = [
+    (dict(dtype=3), r"attention_mass: dtype: expected a dtype code 0 \(float32\), 1 \(float16\) or 2"),
+    (dict(dtype=-1), r"dtype: expected a dtype code"),
+    (dict(hk=3), r"hk: number of KV heads \(3\) must divide the number of query heads \(8\)"),
+    (dict(head_dim=257), r"head_dim: expected at most 256"),
+    (dict(head_dim=0), r"head_dim: expected an integer >= 1, got 0"),
+    (dict(total_q=-1), r"total_q: expected an integer >= 0, got -1"),
+    (dict(total_k=-5), r"total_k: expected an integer >= 0"),
+    (dict(total_q=2**31), r"total_q: expected at most 2147483647"),
+    (dict(hq=0), r"hq: expected an integer >= 1"),
+    (dict(num_seqs=0), r"num_seqs: expected an integer >= 1"),
+    (dict(num_regions=-1), r"num_regions: expected an integer >= 0"),
+    (dict(num_heads=0), r"num_heads: expected an integer >= 1"),
+    (dict(num_heads=70000), r"num_heads: expected at most 65535"),
+    (dict(num_row_blocks=-1), r"num_row_blocks: expected an integer >= 0"),
+    (dict(q_stride_t=-64), r"q_stride_t: expected an integer >= 0"),
+    (dict(k_stride_h=-1), r"k_stride_h: expected an integer >= 0"),
+    (dict(softmax_scale=0.0), r"softmax_scale: expected a positive finite number"),
+    (dict(softmax_scale=math.nan), r"softmax_scale: expected a positive finite number"),
+    (dict(softmax_scale=math.inf), r"softmax_scale"),
+    (dict(device=-1), r"device: expected a CUDA device index >= 0"),
+    (dict(q=0), r"q: null device pointer for an array of 5120 elements"),
+    (dict(k=0), r"k: null device pointer"),
+    (dict(cu_seqlens_q=0), r"cu_seqlens_q: null device pointer for an array of 3 elements"),
+    (dict(key_region=0), r"key_region: null device pointer"),
+    (dict(heads=0), r"heads: null device pointer"),
+    (dict(row_blocks=0), r"row_blocks: null device pointer for an array of 16 elements"),
+    (dict(out=0), r"out: null device pointer for an array of 240 elements"),
+    (dict(segmented=True, num_segments=2, out=0), r"out: null device pointer for an array of 48"),
+    (dict(segmented=True, num_segments=2, deterministic=True),
+     r"partial: null device pointer for an array of 96 elements"),
+    (dict(segmented=True, num_segments=2, deterministic=True, partial=FAKE),
+     r"segment_block_start: null device pointer"),
+    (dict(segmented=True, num_segments=-1), r"num_segments: expected an integer >= 0"),
+    (dict(lse=FAKE, lse_stride_h=-1), r"lse_stride_h: expected an integer >= 0"),
+    (dict(total_q=2**30, hq=2**30, num_heads=1), r"array sizes overflow int64"),
+]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("overrides,message", MASS_ERRORS)
+def test_attention_mass_argument_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EXT.validate(_mass_args(**overrides))
+    # The launcher validates before touching the device: the same ValueError without a GPU.
+    with pytest.raises(ValueError, match=message):
+        EXT.attention_mass(_mass_args(**overrides))
+
+
+COSINE_ERRORS = [
+    (dict(dtype=7), r"cosine_alignment: dtype: expected a dtype code"),
+    (dict(hk=2), r"hk: number of KV heads \(2\) must divide the number of query heads \(7\)"),
+    (dict(head_dim=300), r"head_dim: expected at most 256"),
+    (dict(total_q=-3), r"total_q: expected an integer >= 0"),
+    (dict(kbar=0), r"kbar: null device pointer for an array of 160 elements"),
+    (dict(out=0), r"out: null device pointer for an array of 10 elements"),
+    (dict(out=0, per_head=True), r"out: null device pointer for an array of 30 elements"),
+    (dict(q=0), r"q: null device pointer"),
+    (dict(cu_seqlens_k=0), r"cu_seqlens_k: null device pointer"),
+    (dict(num_regions=2**20, num_seqs=2**12), r"num_seqs \* num_regions \* hk: expected at most"),
+]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("overrides,message", COSINE_ERRORS)
+def test_cosine_alignment_argument_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EXT.validate(_cosine_args(**overrides))
+    with pytest.raises(ValueError, match=message):
+        EXT.cosine_alignment(_cosine_args(**overrides))
+
+
+SGUF_ERRORS = [
+    (dict(height=57), r"sguf_descriptors: height/width: expected \(grid_h \* patch\) x \(grid_w \* patch\) = 56 x 84, got 57 x 84"),
+    (dict(patch=0), r"patch: expected an integer >= 1"),
+    (dict(grid_w=0), r"grid_w: expected an integer >= 1"),
+    (dict(radius=-1), r"radius: expected an integer >= 0"),
+    (dict(num_images=-1), r"num_images: expected an integer >= 0"),
+    (dict(num_images=70000), r"num_images: expected at most 65535"),
+    (dict(stride_y=-1), r"stride_y: expected an integer >= 0"),
+    (dict(image=0), r"image: null device pointer for an array of 28224 elements"),
+    (dict(lut=0), r"lut: null device pointer for an array of 768 elements"),
+    (dict(weights=0), r"weights: null device pointer for an array of 9 elements"),
+    (dict(lam_min=0), r"lam_min: null device pointer for an array of 12 elements"),
+    (dict(device=-2), r"device: expected a CUDA device index >= 0"),
+]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("overrides,message", SGUF_ERRORS)
+def test_sguf_argument_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EXT.validate(_sguf_args(**overrides))
+    with pytest.raises(ValueError, match=message):
+        EXT.sguf_descriptors(_sguf_args(**overrides))
+
+
+@needs_cuda_build
+def test_argument_fields_are_type_checked():
+    a = EXT.AttentionMassArgs()
+    with pytest.raises(TypeError):
+        a.q = -4096          # a pointer is an unsigned integer
+    with pytest.raises(TypeError):
+        a.total_q = 1.5
+    with pytest.raises(TypeError):
+        a.dtype = "float16"
+    with pytest.raises(TypeError):
+        EXT.validate(object())
+
+
+def test_shared_memory_estimate_grows_with_patch_and_radius():
+    ext = load_extension()
+    if ext is None:
+        pytest.skip("kawhi_kernels._C is not importable")
+    base = ext.sguf_shared_bytes(28, 4)
+    # (38² + 30·38 + 9 + 128) fp32 values: L tile, y-smoothed tile, taps, reduction scratch.
+    assert base == 4 * (38 * 38 + 30 * 38 + 9 + 128)
+    assert ext.sguf_shared_bytes(32, 4) > base and ext.sguf_shared_bytes(28, 8) > base
+
+
+@needs_cuda_build
+@pytest.mark.skipif(HAS_CUDA_BUILD and (_device_count_or_none() or 0) > 0,
+                    reason="checks the no-driver error path; this machine has a CUDA device")
+@pytest.mark.parametrize("op,make", [("attention_mass", _mass_args),
+                                     ("cosine_alignment", _cosine_args),
+                                     ("sguf_descriptors", _sguf_args)])
+def test_launch_without_a_device_raises_runtime_error_naming_op_and_cuda_error(op, make):
+    with pytest.raises(RuntimeError, match=rf"kawhi_kernels CUDA error in {op} .*: cuda\w+ \(.+\)"):
+        getattr(EXT, op)(make())
+
+
+@needs_cuda_build
+def test_device_queries_report_failure_clearly():
+    count = _device_count_or_none()
+    problem = cuda_backend_problem(0)
+    if count is None:
+        with pytest.raises(RuntimeError, match=r"cudaGetDeviceCount: cuda\w+ \("):
+            EXT.cuda_device_count()
+        assert problem is not None and "cannot query devices" in problem
+    elif count == 0:
+        assert "sees 0 CUDA device(s)" in problem
+    assert cuda_backend_problem(10_000) is not None
+
+
+# ----------------------------------------------------------------------------- the build
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_build_for_one_arch_compiles_imports_and_holds_its_sass(tmp_path):
+    """The CUDA build for one arch, as CI can afford it (2 cores). Configure and build the CUDA module for sm_90 only (about 50 s on 2 cores), import it
+    without a GPU, and check its targets and dependencies."""
+    out = tmp_path / "out"
+    res = _configure(tmp_path, {"KAWHI_CUDA": "1", "KAWHI_CUDA_ARCHS": "90"},
+                     f"-DKAWHI_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+                     f"-DCMAKE_CUDA_COMPILER={_nvcc()}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    build = subprocess.run([_cmake(), "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (so,) = out.glob("_C*")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import _C\n"
+             "assert _C.has_cuda() and _C.build_info()['archs'] == ['sm_90', 'compute_90']\n"
+             "a = _C.AttentionMassArgs()\n"
+             "try:\n    _C.attention_mass(a)\nexcept ValueError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("attention_mass: dtype: expected a dtype code")
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_cuda_archs
+    finally:
+        sys.path.pop(0)
+    needed = check_cuda_archs.needed_libraries(str(so))
+    assert not [lib for lib in needed if lib.startswith(("libtorch", "libc10", "libcudart.so"))]
+    if check_cuda_archs.find_cuobjdump() is not None:
+        assert check_cuda_archs.main([str(so), "--archs", "90", "--check-deps"]) == 0
+        assert check_cuda_archs.main([str(so), "--archs", "80;90"]) == 1
+
+
+
+# ----------------------------------------------------------------------------- availability
+
+@pytest.mark.parametrize("capability,archs,covered", [
+    (90, ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"], True),
+    (86, ["sm_80", "compute_80"], True),        # same major, higher minor: SASS runs
+    (89, ["sm_90", "compute_90"], False),       # older than every target
+    (75, ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"], False),
+    (100, ["sm_80", "sm_90", "compute_90"], True),   # PTX JIT for a newer GPU
+    (100, ["sm_80", "sm_90"], False),
+    (120, ["sm_90a", "compute_90a"], False),    # arch-specific targets run on 9.0 only
+    (90, ["sm_90a"], True),
+    (103, ["sm_100f"], True),                   # family target: same major, >= minor
+    (110, ["sm_100f"], False),
+    (90, [], False),
+])
+def test_arch_covers(capability, archs, covered):
+    assert arch_covers(capability, archs) is covered
+
+
+def test_wrappers_refuse_cpu_tensors_with_a_clear_error():
+    q = torch.randn(4, 2, 8)
+    k = torch.randn(5, 1, 8)
+    cu_q = torch.tensor([0, 4], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5], dtype=torch.int32)
+    region = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"attention_mass: the CUDA backend needs CUDA tensors"):
+        attention_mass_cuda(q, k, cu_q, cu_k, region, 1)
+    with pytest.raises(RuntimeError, match=r"cosine_alignment: the CUDA backend needs CUDA tensors"):
+        cosine_alignment_cuda(q, k, cu_q, cu_k, region, 1)
+
+
+def test_public_op_reports_why_cuda_backend_cannot_run_on_cpu():
+    from kawhi_kernels import attention_mass
+
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run attention_mass"):
+        attention_mass(q, k, cu, cu, torch.zeros(3, dtype=torch.int32), 1, backend="cuda")
+
+
+def test_fp64_inputs_fall_back_to_the_reference():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 4, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(11, 2, 16, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 11], dtype=torch.int32)
+    region = torch.tensor([-1, 0, 1, 1, 0, -1, 2, 2, -1, 0, 1], dtype=torch.int32)
+    seg = torch.tensor([0, 0, 1, -1, 1, 2, 2, 2, 0], dtype=torch.int32)
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, 3, query_segment=seg, num_segments=3,
+                              heads=[3, 0])
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, 3, query_segment=seg,
+                                    num_segments=3, heads=[3, 0])
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    got = cosine_alignment_cuda(q, k, cu_q, cu_k, region, 3, heads=[1, 2], per_head=True)
+    want = cosine_alignment_reference(q, k, cu_q, cu_k, region, 3, heads=[1, 2], per_head=True)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- work tables
+
+def _row_blocks_naive(lens_q, lens_k, block_rows, seg):
+    blocks, row = [], 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        r = row
+        while r < row + lq:
+            s = seg[r] if seg is not None else 0
+            end = r
+            while end < row + lq and (seg is None or seg[end] == s):
+                end += 1
+            if s >= 0 and lk > 0:
+                for start in range(r, end, block_rows):
+                    blocks.append([b, start, min(block_rows, end - start), s])
+            r = end
+        row += lq
+    return blocks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("block_rows", [1, 3, 8])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_row_blocks_match_a_plain_loop(seed, block_rows, segmented):
+    g = torch.Generator().manual_seed(seed)
+    nseq = int(torch.randint(1, 6, (), generator=g))
+    lens_q = torch.randint(0, 20, (nseq,), generator=g).tolist()
+    lens_k = torch.randint(0, 4, (nseq,), generator=g).tolist()   # some sequences without keys
+    cu_q = torch.tensor(np.cumsum([0] + lens_q), dtype=torch.int32)
+    cu_k = torch.tensor(np.cumsum([0] + lens_k), dtype=torch.int32)
+    seg = None
+    if segmented:
+        # runs of three rows per segment value (-1 runs included), runs crossing sequence
+        # boundaries, segment ids reused across sequences
+        total = sum(lens_q)
+        seg = torch.randint(-1, 4, (total // 3 + 1,), generator=g).repeat_interleave(3)[:total]
+    table = row_blocks(cu_q, cu_k, block_rows, seg)
+    want = _row_blocks_naive(lens_q, lens_k, block_rows, None if seg is None else seg.tolist())
+    assert table.dtype == torch.int32 and table.shape == (len(want), 4)
+    assert table.tolist() == want
+
+
+def test_segment_block_lists_are_in_block_order():
+    blocks = torch.tensor([[0, 0, 4, 2], [0, 4, 4, 0], [1, 8, 2, 2], [1, 10, 3, 0], [1, 13, 1, 2]],
+                          dtype=torch.int32)
+    start, order = segment_block_lists(blocks, 4)
+    assert start.tolist() == [0, 2, 2, 5, 5]       # segment 1 and 3 have no block
+    assert order.tolist() == [1, 3, 0, 2, 4]
+    assert start.dtype == order.dtype == torch.int32
+
+
+def test_row_blocks_rejects_bad_block_rows():
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_rows: expected a positive int"):
+        row_blocks(cu, cu, 0)
+
+
+# ============================================================================== GPU tests
+
+def _cu(lengths, device):
+    return torch.tensor(np.cumsum([0] + list(lengths)), dtype=torch.int32, device=device)
+
+
+def _qk(seed, lens_q, lens_k, hq, hk, d, dtype, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=g)
+    k = torch.randn(sum(lens_k), hk, d, generator=g) * 1.5
+    return (q.to(device, dtype), k.to(device, dtype), _cu(lens_q, device), _cu(lens_k, device))
+
+
+def _regions(seed, lens_k, num_regions, kind, device="cuda"):
+    """coarse: random ids (about a quarter -1, the first two keys of each sequence -1, region
+    R-1 unused); patch: a run of consecutive ids per sequence after 3 text keys."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lens_k)
+    if kind == "coarse":
+        region = torch.randint(0, max(1, num_regions - 1), (total,), generator=g, dtype=torch.int32)
+        region[torch.rand(total, generator=g) < 0.25] = -1
+        start = 0
+        for n in lens_k:
+            region[start:start + min(2, n)] = -1
+            start += n
+    else:
+        region = torch.full((total,), -1, dtype=torch.int32)
+        start, nxt = 0, 0
+        for n in lens_k:
+            count = max(0, min(n - 3, num_regions - nxt, 40))
+            region[start + 3:start + 3 + count] = torch.arange(nxt, nxt + count, dtype=torch.int32)
+            nxt = (nxt + count) % num_regions
+            start += n
+    return region.to(device)
+
+
+# Ragged batch: an empty query sequence, a sequence without keys, Lq > Lk (early causal rows see
+# no key), Lq < Lk, and a long one.
+LENS_Q = [5, 0, 37, 12, 9, 70]
+LENS_K = [9, 4, 30, 0, 40, 150]
+TOL = dict(atol=2e-5, rtol=2e-4)
+
+# (hq, hk, d, dtype, regions, R, segments, heads, causal, with_lse, deterministic)
+MASS_CASES = [
+    (4, 4, 64, torch.float32, "coarse", 5, None, None, True, False, False),
+    (8, 2, 80, torch.float16, "coarse", 3, "runs", [1, 6, 7], True, False, False),
+    (7, 1, 128, torch.bfloat16, "coarse", 7, "runs", [0, 2, 5], True, True, True),
+    (8, 2, 64, torch.float32, "coarse", 64, None, [7, 0, 3], False, False, True),
+    (4, 1, 80, torch.float32, "patch", 100, None, None, True, False, False),
+    (7, 1, 64, torch.float16, "patch", 90, "runs", [6, 1], True, True, False),
+    (8, 2, 128, torch.bfloat16, "patch", 70, "random", None, True, False, True),
+    (4, 4, 256, torch.float32, "patch", 100, None, [3, 1], False, True, True),
+    (8, 2, 40, torch.float32, "patch", 80, "random", None, True, False, False),
+    (7, 7, 80, torch.bfloat16, "coarse", 4, "random", [4, 0], False, False, True),
+    (28, 4, 128, torch.bfloat16, "coarse", 2, "runs", [0, 1, 3, 22, 23, 24, 25, 26, 27], True,
+     False, False),
+]
+
+
+def _segments(kind, seed, total_q, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "runs":      # paragraph-like runs, some rows ignored
+        seg = (torch.arange(total_q) // 7) % 6
+        seg[torch.rand(total_q, generator=g) < 0.1] = -1
+        return seg.to(torch.int32).to(device), 6
+    seg = torch.randint(-1, 4, (total_q,), generator=g, dtype=torch.int32)  # segment 4 empty
+    return seg.to(device), 5
+
+
+def _reference_lse(q, k, cu_q, cu_k, scale, causal):
+    """fp32 [Hq, total_q] natural-log normalisers (−inf for rows without a visible key)."""
+    hq, hk = q.shape[1], k.shape[1]
+    out = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        kr = k[k0:k1].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), kr) * scale
+        if causal:
+            vis = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(
+                (k1 - k0) - (q1 - q0))
+            s = s.masked_fill(~vis, -math.inf)
+        out[:, q0:q1] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+@gpu_test
+@pytest.mark.parametrize(
+    "hq,hk,d,dtype,regions,num_regions,segments,heads,causal,with_lse,deterministic", MASS_CASES)
+def test_gpu_attention_mass_matches_reference(hq, hk, d, dtype, regions, num_regions, segments,
+                                              heads, causal, with_lse, deterministic):
+    seed = 1234 + hq * 31 + d
+    q, k, cu_q, cu_k = _qk(seed, LENS_Q, LENS_K, hq, hk, d, dtype)
+    region = _regions(seed + 1, LENS_K, num_regions, regions)
+    kwargs = dict(heads=heads, causal=causal)
+    if segments is not None:
+        seg, nseg = _segments(segments, seed + 2, q.shape[0])
+        kwargs.update(query_segment=seg, num_segments=nseg)
+    scale = 1.0 / math.sqrt(d)
+    if with_lse:
+        kwargs["lse"] = _reference_lse(q, k, cu_q, cu_k, scale, causal)
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, **kwargs)
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, deterministic=deterministic,
+                              **kwargs)
+    torch.cuda.synchronize()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL)
+    if deterministic:
+        again = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, deterministic=True,
+                                    **kwargs)
+        assert torch.equal(got, again), "deterministic=True must give identical bits"
+
+
+@gpu_test
+def test_gpu_deterministic_segment_sums_are_bit_identical_and_match_atomics():
+    q, k, cu_q, cu_k = _qk(7, [300, 200], [500, 400], 8, 2, 128, torch.bfloat16)
+    region = _regions(8, [500, 400], 300, "patch")
+    seg, nseg = _segments("random", 9, q.shape[0])
+    kwargs = dict(query_segment=seg, num_segments=nseg)
+    first = attention_mass_cuda(q, k, cu_q, cu_k, region, 300, deterministic=True, **kwargs)
+    for block_rows in (None, 1, 5):
+        again = attention_mass_cuda(q, k, cu_q, cu_k, region, 300, deterministic=True,
+                                    block_rows=block_rows, **kwargs)
+        if block_rows is None:
+            assert torch.equal(first, again)
+        torch.testing.assert_close(again, first, **TOL)
+    atomic = attention_mass_cuda(q, k, cu_q, cu_k, region, 300, deterministic=False, **kwargs)
+    torch.testing.assert_close(atomic, first, **TOL)
+    # per-row output has one writer per element: identical bits without the flag too
+    rows_a = attention_mass_cuda(q, k, cu_q, cu_k, region, 300)
+    rows_b = attention_mass_cuda(q, k, cu_q, cu_k, region, 300)
+    assert torch.equal(rows_a, rows_b)
+
+
+@gpu_test
+def test_gpu_rows_without_visible_keys_and_empty_inputs_give_zeros():
+    # Lq > Lk under causal masking: the first Lq - Lk rows see no key.
+    q, k, cu_q, cu_k = _qk(3, [10], [4], 4, 2, 64, torch.float32)
+    region = torch.zeros(4, dtype=torch.int32, device="cuda")
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, 1)
+    assert torch.count_nonzero(got[:6]) == 0
+    torch.testing.assert_close(got[6:], torch.ones_like(got[6:]), **TOL)   # all keys in region 0
+    assert not torch.isnan(got).any()
+    # no keys at all, no regions
+    q0, k0, cu_q0, cu_k0 = _qk(4, [3], [0], 2, 1, 16, torch.float16)
+    empty = attention_mass_cuda(q0, k0, cu_q0, cu_k0, torch.zeros(0, dtype=torch.int32,
+                                                                    device="cuda"), 2)
+    assert empty.shape == (3, 2, 2) and torch.count_nonzero(empty) == 0
+    none = attention_mass_cuda(q, k, cu_q, cu_k, region, 0)
+    assert none.shape == (10, 4, 0)
+
+
+@gpu_test
+def test_gpu_public_op_dispatches_to_cuda_on_a_side_stream():
+    from kawhi_kernels import attention_mass, cosine_alignment
+
+    q, k, cu_q, cu_k = _qk(11, LENS_Q, LENS_K, 8, 2, 64, torch.float16)
+    region = _regions(12, LENS_K, 6, "coarse")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = attention_mass(q, k, cu_q, cu_k, region, 6, backend="cuda")
+        cos = cosine_alignment(q, k, cu_q, cu_k, region, 6, backend="cuda")
+    stream.synchronize()
+    torch.testing.assert_close(got, attention_mass(q, k, cu_q, cu_k, region, 6, backend="torch"),
+                               **TOL)
+    torch.testing.assert_close(cos, cosine_alignment(q, k, cu_q, cu_k, region, 6,
+                                                     backend="torch"), **TOL)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk,d,num_regions,heads,per_head", [
+    (4, 4, 64, 1, None, False),
+    (8, 2, 80, 3, [7, 1, 4], True),
+    (7, 1, 128, 5, [0, 6], False),
+    (28, 4, 128, 1, [0, 1, 3, 22, 23, 24, 25, 26, 27], False),
+    (4, 1, 256, 40, None, True),
+])
+def test_gpu_cosine_alignment_matches_reference(dtype, hq, hk, d, num_regions, heads, per_head):
+    q, k, cu_q, cu_k = _qk(21 + d, LENS_Q, LENS_K, hq, hk, d, dtype)
+    q[3] = 0          # zero query vectors: cosine 0
+    k[5] = 0          # a zero key counts with unit vector 0
+    region = _regions(22, LENS_K, num_regions, "coarse" if num_regions < 10 else "patch")
+    want = cosine_alignment_reference(q, k, cu_q, cu_k, region, num_regions, heads=heads,
+                                      per_head=per_head)
+    got = cosine_alignment_cuda(q, k, cu_q, cu_k, region, num_regions, heads=heads,
+                                per_head=per_head)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    assert torch.equal(got, cosine_alignment_cuda(q, k, cu_q, cu_k, region, num_regions,
+                                                  heads=heads, per_head=per_head))
+
+
+@gpu_test
+@pytest.mark.parametrize("shape,grid,sigma", [
+    ((56, 84), (2, 3), 1.0),       # Qwen2.5-VL patches (28 px)
+    ((64, 32), (2, 1), 1.0),       # Qwen3-VL patches (32 px)
+    ((3, 6), (1, 2), 1.0),         # image smaller than the Gaussian halo: periodic reflection
+    ((40, 40), (5, 5), 2.5),
+])
+def test_gpu_sguf_descriptors_match_reference(shape, grid, sigma):
+    from kawhi_kernels.cuda import patch_descriptors_cuda
+    from kawhi_kernels.regions import patch_descriptors
+
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    images = torch.randint(0, 256, (3, *shape, 3), generator=g, dtype=torch.uint8)
+    images[0, : shape[0] // 2] = 200          # flat area: eigenvalues near 0
+    want = patch_descriptors(images.cuda(), grid, sigma=sigma)
+    got = patch_descriptors_cuda(images.cuda(), grid, sigma=sigma)
+    # Absolute tolerance relative to each output's scale (λmin = half-trace − radius cancels,
+    # so its error scales with λmax).
+    scales = {"lam_max": float(want[0].max()), "lam_min": float(want[0].max()),
+              "lightness": 100.0}
+    for name, a, b in zip(("lam_max", "lam_min", "lightness"), got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=2e-5 * (scales[name] + 1.0), rtol=1e-4, msg=name)
+    single = patch_descriptors_cuda(images[1].cuda(), grid, sigma=sigma)
+    for a, b in zip(single, got):
+        assert torch.equal(a, b[1])
+
+
+@gpu_test
+def test_gpu_sguf_descriptors_refuse_an_oversized_tile():
+    from kawhi_kernels.cuda import patch_descriptors_cuda
+
+    image = torch.zeros(512, 512, 3, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="bytes of shared memory per block"):
+        patch_descriptors_cuda(image, (1, 1), sigma=1.0)
+
+
+@gpu_test
+def test_gpu_qwen2_5_vl_7b_shapes():
+    """Qwen2.5-VL-7B: Hq 28, Hk 4, D 128, bf16; 2 sequences of 2k keys (1k image tokens after
+    64 text tokens, one region per image token) and 512 response rows each, the paper's
+    vision-critical heads, paragraph segments."""
+    lens_q, lens_k = [512, 512], [2048, 2048]
+    q, k, cu_q, cu_k = _qk(99, lens_q, lens_k, 28, 4, 128, torch.bfloat16)
+    region = torch.full((sum(lens_k),), -1, dtype=torch.int32)
+    for b in range(2):
+        region[b * 2048 + 64:b * 2048 + 64 + 1024] = torch.arange(1024, dtype=torch.int32)
+    region = region.cuda()
+    heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
+    seg = (torch.arange(1024) // 100).to(torch.int32).cuda()        # 11 paragraph segments
+    for kwargs in (dict(), dict(query_segment=seg, num_segments=11)):
+        want = attention_mass_reference(q, k, cu_q, cu_k, region, 1024, heads=heads, **kwargs)
+        for det in (False, True):
+            got = attention_mass_cuda(q, k, cu_q, cu_k, region, 1024, heads=heads,
+                                      deterministic=det, **kwargs)
+            torch.testing.assert_close(got, want, **TOL)
+    selected = (region >= 0).to(torch.int32) - 1                     # KAWHI: one region
+    want = cosine_alignment_reference(q, k, cu_q, cu_k, selected, 1, heads=heads)
+    got = cosine_alignment_cuda(q, k, cu_q, cu_k, selected, 1, heads=heads)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_gpu_backend_is_usable_where_torch_sees_a_gpu():
+    # Not skipped when the backend is unusable: on a GPU machine that is a failure.
+    assert cuda_backend_problem(torch.cuda.current_device()) is None
+    assert EXT.cuda_device_count() == torch.cuda.device_count()
+    major, minor = torch.cuda.get_device_capability()
+    assert EXT.cuda_device_capability(torch.cuda.current_device()) == major * 10 + minor
