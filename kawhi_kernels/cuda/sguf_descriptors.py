@@ -10,17 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..regions.descriptors import (_Y_FROM_LINEAR_RGB, check_grid_hw, check_image, check_real,
-                                   gaussian_kernel1d, patch_size)
+from .._validation import check_real
+from ..regions.descriptors import check_grid_hw, check_image, gaussian_kernel1d, luminance_tables, patch_size
 from ._launch import device_index, extension_for, ptr, stream_handle
-
-
-def lightness_tables(device: torch.device) -> torch.Tensor:
-    """fp32 [3, 256]: linearised sRGB value times the Y row of the sRGB→XYZ matrix, per channel,
-    computed in float64 and rounded once, exactly as ``srgb_to_lightness`` builds them."""
-    v = torch.arange(256, dtype=torch.float64) / 255.0
-    linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
-    return torch.stack([linear * c for c in _Y_FROM_LINEAR_RGB]).to(device, torch.float32)
 
 
 def patch_descriptors_cuda(image, grid_hw, sigma: float = 1.0):
@@ -47,7 +39,7 @@ def patch_descriptors_cuda(image, grid_hw, sigma: float = 1.0):
     num_images, device = images.shape[0], image.device
     outs = [torch.empty(num_images, gh * gw, dtype=torch.float32, device=device) for _ in range(3)]
     weights = gaussian_kernel1d(sigma).to(device=device, dtype=torch.float32)
-    luts = lightness_tables(device)
+    luts = luminance_tables(device, torch.float32)
     a = ext.SgufDescriptorArgs()
     a.image, a.num_images, a.height, a.width = ptr(images), num_images, images.shape[1], images.shape[2]
     a.stride_b, a.stride_y, a.stride_x, a.stride_c = images.stride()

@@ -99,6 +99,14 @@ def _check_uint8_rgb(image) -> None:
         raise TypeError(f"image: expected a uint8 tensor [..., H, W, 3], got {got}")
 
 
+def luminance_tables(device, dtype: torch.dtype) -> torch.Tensor:
+    """[3, 256] per-channel lookup tables: linearised sRGB value × the Y row of the sRGB→XYZ
+    matrix, computed in float64 and rounded once to ``dtype`` (shared by every backend)."""
+    v = torch.arange(256, dtype=torch.float64) / 255.0
+    linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+    return torch.stack([linear * c for c in _Y_FROM_LINEAR_RGB]).to(device, dtype)
+
+
 def srgb_to_lightness(image: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """CIELab lightness of an sRGB uint8 image, as ``skimage.color.rgb2lab(image)[..., 0]``.
 
@@ -106,10 +114,7 @@ def srgb_to_lightness(image: torch.Tensor, *, dtype: torch.dtype = torch.float32
     """
     _check_uint8_rgb(image)
     _check_dtype(dtype)
-    # Per-channel lookup tables of (linearised sRGB) * (Y row of the XYZ matrix), built in float64.
-    v = torch.arange(256, dtype=torch.float64) / 255.0
-    linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
-    luts = torch.stack([linear * c for c in _Y_FROM_LINEAR_RGB]).to(image.device, dtype)  # [3, 256]
+    luts = luminance_tables(image.device, dtype)
     y = luts[0][image[..., 0].long()]  # one channel at a time keeps int64 temporaries small
     y = y + luts[1][image[..., 1].long()]
     y = y + luts[2][image[..., 2].long()]
