@@ -1,0 +1,132 @@
+"""Helpers shared by the Triton kernels: sizes, launch options, host-side block tables, and the
+fp16-split matmul pieces used for fp32-accurate products on tensor cores."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreter_enabled
+
+# Largest head dim the Triton kernels accept (q/k tiles are padded to the next power of two).
+MAX_HEAD_DIM = 256
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ max(n, 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
+    """Launch keywords for compiled kernels; none under the interpreter, which ignores them."""
+    if triton_interpreter_enabled():
+        return {}
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return options
+
+
+def dot_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision for fp32 operands: near-fp32 accuracy everywhere.
+
+    NVIDIA: ``tf32x3`` (three TF32 MMAs, ~fp32 error); ROCm: ``ieee``; the interpreter computes
+    with numpy in fp32 whatever is asked. fp16/bf16 operands ignore this setting.
+    """
+    if device.type == "cuda" and torch.version.hip is None and not triton_interpreter_enabled():
+        return "tf32x3"
+    return "ieee"
+
+
+@triton.jit
+def split_fp16(x):
+    """fp32 x (|x| ≤ 65504) → fp16 (hi, lo) with hi + lo = x to ~2^-22 relative (absolute 2^-25
+    below fp16's normal range). A product with an fp16-exact matrix (0/1 one-hot) then costs two
+    fp16 tensor-core MMAs and stays fp32-accurate; a product of two split operands needs three
+    (hi·hi + hi·lo + lo·hi)."""
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
+
+
+def check_head_dim(name: str, d: int) -> None:
+    """Raise a ValueError naming ``name`` when the head dim exceeds what the kernels support."""
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {d} exceeds the Triton backend limit {MAX_HEAD_DIM}; "
+                         "use backend='torch'")
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim has stride 1 (other strides are passed to kernels), else a copy."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def row_blocks(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_rows: int,
+               query_segment: torch.Tensor | None = None) -> torch.Tensor:
+    """Host-built table of query row blocks, int32 [num_blocks, 4] on the device of cu_seqlens_q.
+
+    Each block is (sequence b, first global row, row count ≤ block_rows, segment). Rows are cut
+    into runs at every sequence start and, when ``query_segment`` is given, at every change of
+    segment, so all rows of a block share one sequence and one segment; runs are then chopped
+    into pieces of ``block_rows``. Runs of sequences without keys and of segment −1 are dropped
+    (they contribute nothing). Without ``query_segment`` the segment column is 0.
+    """
+    device = cu_seqlens_q.device
+    cu_q = cu_seqlens_q.detach().to("cpu", torch.int64)
+    cu_k = cu_seqlens_k.detach().to("cpu", torch.int64)
+    lens_q = cu_q[1:] - cu_q[:-1]
+    lens_k = cu_k[1:] - cu_k[:-1]
+    total_q = int(cu_q[-1])
+    if total_q == 0:
+        return torch.zeros(0, 4, dtype=torch.int32, device=device)
+    num_seqs = lens_q.numel()
+    seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), lens_q)
+    starts = torch.zeros(total_q, dtype=torch.bool)
+    starts[cu_q[:-1][lens_q > 0]] = True
+    if query_segment is not None:
+        seg = query_segment.detach().to("cpu", torch.int64)
+        starts[1:] |= seg[1:] != seg[:-1]
+    else:
+        seg = torch.zeros(total_q, dtype=torch.int64)
+    run_start = starts.nonzero().squeeze(1)
+    run_len = torch.diff(run_start, append=torch.tensor([total_q]))
+    run_seq, run_seg = seq_of_row[run_start], seg[run_start]
+    keep = (run_seg >= 0) & (lens_k[run_seq] > 0)
+    run_start, run_len, run_seq, run_seg = run_start[keep], run_len[keep], run_seq[keep], run_seg[keep]
+    pieces = (run_len + block_rows - 1) // block_rows
+    run_of_block = torch.repeat_interleave(torch.arange(run_start.numel()), pieces)
+    first_piece = torch.cumsum(pieces, 0) - pieces
+    piece = torch.arange(run_of_block.numel()) - first_piece[run_of_block]
+    block_start = run_start[run_of_block] + piece * block_rows
+    block_count = torch.minimum(run_len[run_of_block] - piece * block_rows, torch.tensor(block_rows))
+    table = torch.stack([run_seq[run_of_block], block_start, block_count, run_seg[run_of_block]], dim=1)
+    return table.to(device=device, dtype=torch.int32)
+
+
+def key_tiles(cu_seqlens_k: torch.Tensor, key_region: torch.Tensor, block_n: int):
+    """Per-sequence key tiles of ``block_n`` keys and the region span of each tile.
+
+    Returns (tile_base int32 [B] — index of each sequence's first tile, tile_rmin int32 [T],
+    tile_rmax int32 [T]) on key_region's device; tile_rmax = −1 marks a tile without any region
+    key (skipped by the second pass), otherwise [tile_rmin, tile_rmax] bounds its region ids.
+    """
+    device = key_region.device
+    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int64)
+    lens_k = cu_k[1:] - cu_k[:-1]
+    tiles_per_seq = (lens_k + block_n - 1) // block_n
+    tile_base = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    num_tiles = int(tiles_per_seq.sum())
+    total_k = key_region.numel()
+    seq_of_key = torch.repeat_interleave(torch.arange(lens_k.numel(), device=device), lens_k,
+                                         output_size=total_k)
+    pos = torch.arange(total_k, device=device) - cu_k[:-1][seq_of_key]
+    tile_of_key = tile_base[seq_of_key] + pos // block_n
+    region = key_region.to(torch.int64)
+    has = region >= 0
+    big = torch.iinfo(torch.int32).max
+    tile_rmin = torch.full((num_tiles,), big, dtype=torch.int64, device=device)
+    tile_rmax = torch.full((num_tiles,), -1, dtype=torch.int64, device=device)
+    tile_rmin.scatter_reduce_(0, tile_of_key[has], region[has], reduce="amin")
+    tile_rmax.scatter_reduce_(0, tile_of_key[has], region[has], reduce="amax")
+    tile_rmin = torch.where(tile_rmax >= 0, tile_rmin, torch.zeros_like(tile_rmin))
+    return tile_base.to(torch.int32), tile_rmin.to(torch.int32), tile_rmax.to(torch.int32)

@@ -1,0 +1,377 @@
+"""Fused Triton ``attention_mass``: softmax mass of query rows on key regions, never writing P.
+
+One program per (query row block, KV head group). A row block holds up to ``BLOCK_ROWS`` rows of
+one sequence and one segment (host-built table, see :func:`._utils.row_blocks`); the program
+stacks the rows of all selected query heads that read its KV head into one M = BLOCK_ROWS × GP
+tile (row-major over (row, head)), so every K tile is loaded once per group and GQA never
+repeats K.
+
+Pass 1 (skipped when ``lse`` is given): online-softmax row max and sum over the visible keys.
+Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions in fp32:
+
+* coarse regions (R ≤ ``coarse_max_regions``): acc[M, R] += P @ onehot(key → region), the one-hot
+  tile built on the fly per key tile, held in registers over all key tiles and written once;
+* per-patch regions, ``deterministic=False``: column sums scattered with ``tl.atomic_add`` (rows
+  of a segment summed inside the tile first);
+* per-patch regions, ``deterministic=True``: for each key tile, the window(s) of BLOCK_R region
+  ids its keys cover get P @ onehot(window), added with plain load-add-store into memory the
+  program owns (per-row outputs, or one partial row per block for segments); segment partials
+  are then summed by a second kernel in a fixed block order. Bit-identical run to run.
+
+The one-hot products run on fp16 tensor cores with p split into fp16 hi + lo parts (the 0/1
+matrix is exact), which keeps them fp32-accurate (~2^-22 relative); p must stay ≤ 65504, true
+for any lse that is not underestimated by more than ln 65504 ≈ 11. QKᵀ uses the input dtype on
+tensor cores with fp32 accumulation (tf32x3 for fp32 inputs on NVIDIA).
+
+Key tiles beyond the causal limit of the block's last row are skipped in both passes, key tiles
+without any region key in pass 2 (per-tile region span precomputed with torch). Offsets are
+int64. Loads in fp16/bf16/fp32, all arithmetic in fp32. fp64 inputs fall back to the torch
+reference (and return fp64, as the op's contract states).
+
+Tiles (:func:`_tile_config`): M = 64 stacked rows and 64 keys per tile for fp16/bf16 (4 warps,
+8 on the windowed path or for D > 128, 2 stages); fp32 inputs use 64 × 32 (8 warps) or 32 × 16
+for D > 128, 1 stage. The host prepares the row-block table and the key-tile region spans
+(one device→host copy of cu_seqlens and query_segment).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.attention_mass import attention_mass_reference
+from ._utils import (
+    check_head_dim,
+    dot_precision,
+    key_tiles,
+    last_dim_contiguous,
+    launch_options,
+    next_pow2,
+    row_blocks,
+    split_fp16,
+)
+
+LOG2E = 1.4426950408889634
+
+# Output modes of the main kernel.
+_OUT_ROWS = 0        # out[global row, slot, region]; each row owned by one program
+_OUT_SEG_ATOMIC = 1  # out[segment, slot, region] via atomics
+_OUT_PARTIAL = 2     # partial[block, slot, region]; reduced afterwards in block order
+# Region accumulation schemes.
+_ACC_COARSE = 0      # registers [M, BLOCK_R], one-hot matmul
+_ACC_ATOMIC = 1      # per-tile atomics of column sums
+_ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-store
+
+
+@triton.jit
+def _attention_mass_kernel(
+    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    group_kv_ptr, group_head_ptr, group_slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
+    num_regions, head_dim, scale_log2,
+    HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr, ACC_MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_ROWS * GP
+    pid_b = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    seq = tl.load(blocks_ptr + pid_b * 4)
+    row0 = tl.load(blocks_ptr + pid_b * 4 + 1)
+    nrows = tl.load(blocks_ptr + pid_b * 4 + 2)
+    seg = tl.load(blocks_ptr + pid_b * 4 + 3)
+    q_start = tl.load(cu_q_ptr + seq)
+    lq = tl.load(cu_q_ptr + seq + 1) - q_start
+    k_start = tl.load(cu_k_ptr + seq)
+    lk = tl.load(cu_k_ptr + seq + 1) - k_start
+    local0 = row0 - q_start
+    kv = tl.load(group_kv_ptr + pid_g)
+
+    offs_m = tl.arange(0, M)
+    r = offs_m // GP
+    head = tl.load(group_head_ptr + pid_g * GP + offs_m % GP)       # [M], −1 for padding
+    slot = tl.load(group_slot_ptr + pid_g * GP + offs_m % GP)
+    row_ok = (r < nrows) & (head >= 0)
+    grow = (row0 + r).to(tl.int64)
+    head64 = tl.maximum(head, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q = tl.load(q_ptr + grow[:, None] * stride_qt + head64[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv.to(tl.int64) * stride_kh
+    region_base = region_ptr + k_start.to(tl.int64)
+
+    # Keys n < limit[m] are visible to stacked row m; n_end bounds the whole block.
+    if CAUSAL:
+        limit = tl.minimum(local0 + r + 1 + lk - lq, lk)
+        n_end = tl.minimum(local0 + nrows + lk - lq, lk)
+    else:
+        limit = tl.zeros([M], dtype=tl.int32) + lk
+        n_end = lk
+    limit = tl.where(row_ok, limit, 0)
+
+    # ---- pass 1: log2-domain normaliser per stacked row ----
+    if HAS_LSE:
+        lse = tl.load(lse_ptr + head64 * stride_lh + grow * stride_lt, mask=row_ok, other=0.0)
+        lse2 = lse * 1.4426950408889634
+        lse2 = tl.where(tl.abs(lse2) < float("inf"), lse2, 0.0)      # −inf (no key) / NaN → 0
+    else:
+        m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([M], dtype=tl.float32)
+        for start in range(0, n_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                         mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
+            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
+
+    # ---- pass 2: probabilities into regions ----
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_g = tl.arange(0, GP)
+    slot_g = tl.load(group_slot_ptr + pid_g * GP + offs_g)          # [GP], −1 for padding
+    if OUT_MODE == 0:
+        out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
+    else:
+        if OUT_MODE == 1:
+            out_row = seg.to(tl.int64)
+        else:
+            out_row = pid_b.to(tl.int64)
+        out_grp = out_ptr + out_row * stride_orow + tl.maximum(slot_g, 0)[:, None] * stride_oslot
+    acc = tl.zeros([M, BLOCK_R], dtype=tl.float32)
+    tile0 = tl.load(tile_base_ptr + seq)
+    for start in range(0, n_end, BLOCK_N):
+        tile = tile0 + start // BLOCK_N
+        rmax = tl.load(tile_rmax_ptr + tile)
+        if rmax >= 0:
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_end
+            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            region = tl.load(region_base + offs_n, mask=n_ok, other=-1)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
+            take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :]
+            p = tl.where(take, tl.exp2(s - lse2[:, None]), 0.0)
+            if ACC_MODE == 0:
+                onehot = (region[:, None] == offs_r[None, :]).to(tl.float16)
+                p_hi, p_lo = split_fp16(p)
+                acc = tl.dot(p_hi, onehot, acc)
+                acc = tl.dot(p_lo, onehot, acc)
+            elif ACC_MODE == 1:
+                if OUT_MODE == 0:
+                    tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
+                else:
+                    colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
+                    tl.atomic_add(out_grp + region[None, :], colsum,
+                                  mask=(slot_g >= 0)[:, None] & (region >= 0)[None, :], sem="relaxed")
+            else:
+                rmin = tl.load(tile_rmin_ptr + tile)
+                p_hi, p_lo = split_fp16(p)
+                for w0 in range(rmin, rmax + 1, BLOCK_R):
+                    cols = w0 + offs_r
+                    onehot = (region[:, None] == cols[None, :]).to(tl.float16)
+                    part = tl.dot(p_lo, onehot, tl.dot(p_hi, onehot))
+                    col_ok = cols <= rmax
+                    if OUT_MODE == 0:
+                        ptrs = out_rows + cols[None, :]
+                        ok = row_ok[:, None] & col_ok[None, :]
+                        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
+                    else:
+                        red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+                        ptrs = out_grp + cols[None, :]
+                        ok = (slot_g >= 0)[:, None] & col_ok[None, :]
+                        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
+                    # The next window/tile may re-read these addresses from other threads (or
+                    # replicated copies of a small tile): make the stores visible to the CTA.
+                    tl.debug_barrier()
+    if ACC_MODE == 0:
+        col_ok = offs_r < num_regions
+        if OUT_MODE == 0:
+            tl.store(out_rows + offs_r[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            red = tl.sum(tl.reshape(acc, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+            ok = (slot_g >= 0)[:, None] & col_ok[None, :]
+            if OUT_MODE == 1:
+                tl.atomic_add(out_grp + offs_r[None, :], red, mask=ok, sem="relaxed")
+            else:
+                tl.store(out_grp + offs_r[None, :], red, mask=ok)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, seg_start_ptr, seg_blocks_ptr, row_elems,
+                         BLOCK: tl.constexpr):
+    """out[s, :] = Σ partial[b, :] over the blocks b of segment s, in the listed (fixed) order."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < row_elems
+    lo = tl.load(seg_start_ptr + s)
+    hi = tl.load(seg_start_ptr + s + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(lo, hi):
+        b = tl.load(seg_blocks_ptr + i).to(tl.int64)
+        acc += tl.load(part_ptr + b * row_elems + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + s.to(tl.int64) * row_elems + cols, acc, mask=ok)
+
+
+def _head_groups(heads: list[int], group_size: int, device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor, int]:
+    """Selected query heads grouped by KV head: (kv int32 [G], head int32 [G, GP], slot int32
+    [G, GP], GP) with −1 padding; GP = next power of two of the largest group."""
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for slot, h in enumerate(heads):
+        groups.setdefault(h // group_size, []).append((h, slot))
+    gp = next_pow2(max(len(v) for v in groups.values()))
+    kvs = sorted(groups)
+    head_tab = torch.full((len(kvs), gp), -1, dtype=torch.int32)
+    slot_tab = torch.full((len(kvs), gp), -1, dtype=torch.int32)
+    for i, kv in enumerate(kvs):
+        for j, (h, slot) in enumerate(groups[kv]):
+            head_tab[i, j], slot_tab[i, j] = h, slot
+    return (torch.tensor(kvs, dtype=torch.int32, device=device), head_tab.to(device),
+            slot_tab.to(device), gp)
+
+
+def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int]:
+    """(stacked rows M, keys per tile, num_warps, num_stages) for a launch.
+
+    Chosen from register/shared-memory use of sm_90 builds (no spills for fp16/bf16 at D ≤ 128);
+    fp32 inputs use tf32x3 for QKᵀ, whose operand splits need smaller tiles. Not tuned on timings.
+    """
+    if dtype == torch.float32:
+        return (64, 32, 8, 1) if d <= 128 else (32, 16, 4, 1)
+    return 64, 64, (8 if acc_mode == _ACC_WINDOW or d > 128 else 4), 2
+
+
+def _sum_partials(partial: torch.Tensor, blocks: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Deterministic Σ of per-block partial rows into segments (fixed block order)."""
+    _, h, r = partial.shape
+    out = torch.zeros(num_segments, h, r, dtype=torch.float32, device=partial.device)
+    seg = blocks[:, 3].to(torch.int64)
+    order = torch.sort(seg, stable=True).indices
+    seg_start = torch.zeros(num_segments + 1, dtype=torch.int64, device=partial.device)
+    seg_start[1:] = torch.cumsum(torch.bincount(seg, minlength=num_segments), 0)
+    row_elems = h * r
+    block = min(1024, next_pow2(row_elems))
+    _sum_partials_kernel[(num_segments, triton.cdiv(row_elems, block))](
+        partial, out, seg_start, order, row_elems, BLOCK=block)
+    return out
+
+
+def attention_mass_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    key_region: torch.Tensor,
+    num_regions: int,
+    *,
+    query_segment: torch.Tensor | None = None,
+    num_segments: int = 0,
+    heads: list[int] | None = None,
+    lse: torch.Tensor | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    block_rows: int | None = None,
+    block_n: int | None = None,
+    coarse_max_regions: int = 64,
+) -> torch.Tensor:
+    """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
+
+    Args:
+        q: [total_q, Hq, D] fp16/bf16/fp32 (fp64 → torch reference), D ≤ 256.
+        k: [total_k, Hk, D] same dtype, Hq % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
+        key_region: int32/int64 [total_k] in [0, R) or −1.
+        num_regions: R.
+        query_segment: optional int [total_q] in [0, num_segments) or −1; num_segments: S.
+        heads: selected query heads (output order), default all.
+        lse: optional fp32 [Hq, total_q] natural-log normalisers (skips pass 1).
+        causal: bottom-right aligned causal mask.
+        softmax_scale: default 1/√D.
+        deterministic: bit-identical results run to run (no float atomics).
+        block_rows: rows per block (default M // GP, at least 1, M = 64 stacked rows, 32 for fp32
+            with D > 128); GP = heads per KV group, rounded up to a power of two.
+        block_n: keys per tile (default 64; 32 or 16 for fp32; ≥ 16, a power of two).
+        coarse_max_regions: R at or below which the register one-hot matmul path is used.
+
+    Returns:
+        fp32 [num_segments or total_q, len(heads), R] (fp64 for fp64 inputs).
+    """
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
+    heads = list(range(hq)) if heads is None else list(heads)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    segmented = query_segment is not None
+    if q.dtype == torch.float64:
+        return attention_mass_reference(
+            q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
+            query_segment=query_segment, num_segments=num_segments if segmented else None,
+            heads=heads, lse=lse, causal=causal, softmax_scale=scale)
+    check_head_dim("q", d)
+    device = q.device
+    num_out = num_segments if segmented else q.shape[0]
+    out = torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
+    if num_out == 0 or num_regions == 0 or k.shape[0] == 0:
+        return out
+
+    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, hq // hk, device)
+    if num_regions <= coarse_max_regions:
+        acc_mode, block_r = _ACC_COARSE, max(16, next_pow2(num_regions))
+    elif deterministic:
+        acc_mode, block_r = _ACC_WINDOW, 64
+    else:
+        acc_mode, block_r = _ACC_ATOMIC, 16          # (block_r unused on this path)
+    stacked_rows, default_n, num_warps, num_stages = _tile_config(q.dtype, d, acc_mode)
+    block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
+    block_n = block_n if block_n is not None else default_n
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n: expected a power of two ≥ 16, got {block_n}")
+    if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
+        block_rows = next_pow2(-(-16 // gp))
+    block_rows = next_pow2(block_rows)
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment)
+    if blocks.shape[0] == 0:
+        return out
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_n)
+
+    if not segmented:
+        out_mode, target = _OUT_ROWS, out
+    elif deterministic:
+        out_mode = _OUT_PARTIAL
+        target = torch.zeros(blocks.shape[0], len(heads), num_regions, dtype=torch.float32,
+                             device=device)
+    else:
+        out_mode, target = _OUT_SEG_ATOMIC, out
+
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    if lse is None:
+        lse_arg, stride_lh, stride_lt = q, 0, 0
+    else:
+        lse_arg, stride_lh, stride_lt = lse, lse.stride(0), lse.stride(1)
+    cu_q = cu_seqlens_q.to(device=device, dtype=torch.int32)
+    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
+    region = key_region.to(device=device, dtype=torch.int32).contiguous()
+    extra = launch_options(num_warps, num_stages=num_stages)
+    grid = (blocks.shape[0], kv_tab.numel())
+    _attention_mass_kernel[grid](
+        q, k, region, lse_arg, target,
+        cu_q, cu_k, blocks, tile_base, tile_rmin, tile_rmax,
+        kv_tab, head_tab, slot_tab,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
+        target.stride(0), target.stride(1),
+        num_regions, d, scale * LOG2E,
+        HAS_LSE=lse is not None, CAUSAL=bool(causal), OUT_MODE=out_mode, ACC_MODE=acc_mode,
+        BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
+        BLOCK_R=block_r, DOT_PRECISION=dot_precision(device), **extra,
+    )
+    if out_mode == _OUT_PARTIAL:
+        return _sum_partials(target, blocks, num_segments)
+    return out

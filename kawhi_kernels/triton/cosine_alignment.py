@@ -1,0 +1,187 @@
+"""Fused Triton ``cosine_alignment`` (factorised mean cosine), two bandwidth-bound kernels.
+
+1. ``_region_mean_keys_kernel``: one program per (sequence, KV head, window of BLOCK_R regions)
+   walks the sequence's key tiles (tiles whose region span misses the window are skipped),
+   normalises each key, and accumulates Σ unit key and the key count per region with a one-hot
+   matmul onehotᵀ[BLOCK_R, BLOCK_K] @ k̂[BLOCK_K, D] (k̂ split into fp16 hi + lo parts, so the
+   tensor-core product stays fp32-accurate); it writes k̄ = Σ / count (0 for an empty
+   region) to an fp32 [B, R, Hk, D] buffer. No atomics: deterministic.
+2. ``_alignment_kernel``: one program per (query row block of one sequence, region window)
+   reads each selected head's q rows once, normalises them and takes q̂ @ k̄ᵀ for the head's KV
+   head (three fp16 products of hi/lo splits), writing per-head values or accumulating the mean
+   over heads. No [rows, H, R, D] intermediate exists.
+
+Launches use 8 warps, 64 keys per tile, 64 rows per program and BLOCK_R = 16…64 regions per
+window (no register spills in sm_90 builds for D ≤ 128).
+
+fp16/bf16/fp32 loads, fp32 arithmetic; fp64 inputs fall back to the torch reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.cosine_alignment import cosine_alignment_reference
+from ._utils import (
+    check_head_dim,
+    key_tiles,
+    last_dim_contiguous,
+    launch_options,
+    next_pow2,
+    row_blocks,
+    split_fp16,
+)
+
+
+@triton.jit
+def _region_mean_keys_kernel(
+    k_ptr, region_ptr, cu_k_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr, kbar_ptr,
+    stride_kt, stride_kh, num_regions, num_kv_heads, head_dim,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv = tl.program_id(1)
+    w0 = tl.program_id(2) * BLOCK_R
+    k_start = tl.load(cu_k_ptr + seq)
+    lk = tl.load(cu_k_ptr + seq + 1) - k_start
+    tile0 = tl.load(tile_base_ptr + seq)
+    k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv.to(tl.int64) * stride_kh
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    cols = w0 + tl.arange(0, BLOCK_R)
+    sums = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    counts = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, lk, BLOCK_K):
+        tile = tile0 + start // BLOCK_K
+        rmin = tl.load(tile_rmin_ptr + tile)
+        rmax = tl.load(tile_rmax_ptr + tile)
+        if (rmax >= w0) & (rmin < w0 + BLOCK_R):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < lk
+            x = tl.load(k_base + offs_k[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            sq = tl.sum(x * x, axis=1)
+            inv = tl.where(sq > 0, 1.0 / tl.sqrt_rn(tl.maximum(sq, 1e-38)), 0.0)
+            unit = x * inv[:, None]
+            region = tl.load(region_ptr + k_start.to(tl.int64) + offs_k, mask=k_ok, other=-1)
+            onehot_t = (cols[:, None] == region[None, :]).to(tl.float16)      # [BLOCK_R, BLOCK_K]
+            u_hi, u_lo = split_fp16(unit)
+            sums = tl.dot(onehot_t, u_lo, tl.dot(onehot_t, u_hi, sums))
+            counts += tl.sum(onehot_t.to(tl.float32), axis=1)
+    means = sums / tl.maximum(counts, 1.0)[:, None]
+    row = (seq.to(tl.int64) * num_regions + cols) * num_kv_heads + kv
+    tl.store(kbar_ptr + row[:, None] * head_dim + offs_d[None, :], means,
+             mask=(cols < num_regions)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _alignment_kernel(
+    q_ptr, kbar_ptr, out_ptr, blocks_ptr, head_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    num_heads, group_size, num_regions, num_kv_heads, head_dim, inv_num_heads,
+    PER_HEAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    w0 = tl.program_id(1) * BLOCK_R
+    seq = tl.load(blocks_ptr + pid * 4)
+    row0 = tl.load(blocks_ptr + pid * 4 + 1)
+    nrows = tl.load(blocks_ptr + pid * 4 + 2)
+    rows = (row0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
+    row_ok = tl.arange(0, BLOCK_Q) < nrows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    cols = w0 + tl.arange(0, BLOCK_R)
+    col_ok = cols < num_regions
+    mean = tl.zeros([BLOCK_Q, BLOCK_R], dtype=tl.float32)
+    for i in range(num_heads):
+        h = tl.load(head_ptr + i)
+        kv = h // group_size
+        x = tl.load(q_ptr + rows[:, None] * stride_qt + h.to(tl.int64) * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        sq = tl.sum(x * x, axis=1)
+        inv = tl.where(sq > 0, 1.0 / tl.sqrt_rn(tl.maximum(sq, 1e-38)), 0.0)
+        unit = x * inv[:, None]
+        kb_rows = (seq.to(tl.int64) * num_regions + cols) * num_kv_heads + kv
+        kb = tl.load(kbar_ptr + kb_rows[:, None] * head_dim + offs_d[None, :],
+                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        u_hi, u_lo = split_fp16(unit)
+        kb_hi, kb_lo = split_fp16(tl.trans(kb))
+        cos = tl.dot(u_lo, kb_hi, tl.dot(u_hi, kb_lo, tl.dot(u_hi, kb_hi)))  # [BLOCK_Q, BLOCK_R]
+        if PER_HEAD:
+            tl.store(out_ptr + rows[:, None] * stride_ot + i * stride_oh + cols[None, :], cos,
+                     mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            mean += cos
+    if not PER_HEAD:
+        tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], mean * inv_num_heads,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def cosine_alignment_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    key_region: torch.Tensor,
+    num_regions: int = 1,
+    *,
+    heads: list[int] | None = None,
+    per_head: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:
+    """Triton ``cosine_alignment`` (inputs validated by :func:`kawhi_kernels.ops.cosine_alignment`).
+
+    Args:
+        q: [total_q, Hq, D] fp16/bf16/fp32 (fp64 → torch reference), D ≤ 256.
+        k: [total_k, Hk, D] same dtype; Hq % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
+        key_region: int32/int64 [total_k] in [0, R) or −1 (key not selected).
+        num_regions: R.
+        heads: selected query heads (default all); per_head: keep the head axis.
+        block_q, block_k: rows per program / keys per tile (powers of two ≥ 16).
+
+    Returns:
+        fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head`` (fp64 for fp64 inputs).
+    """
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
+    heads = list(range(hq)) if heads is None else list(heads)
+    if q.dtype == torch.float64:
+        return cosine_alignment_reference(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
+                                          heads=heads, per_head=per_head)
+    check_head_dim("q", d)
+    device = q.device
+    shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    if q.shape[0] == 0 or k.shape[0] == 0 or num_regions == 0:
+        return out
+    num_seqs = cu_seqlens_k.numel() - 1
+    block_r = min(64, max(16, next_pow2(num_regions)))
+    num_windows = triton.cdiv(num_regions, block_r)
+    block_d = max(16, next_pow2(d))
+    extra = launch_options(8)
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
+    region = key_region.to(device=device, dtype=torch.int32).contiguous()
+
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_k)
+    kbar = torch.empty(num_seqs, num_regions, hk, d, dtype=torch.float32, device=device)
+    _region_mean_keys_kernel[(num_seqs, hk, num_windows)](
+        k, region, cu_k, tile_base, tile_rmin, tile_rmax, kbar,
+        k.stride(0), k.stride(1), num_regions, hk, d,
+        BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_q)
+    if blocks.shape[0] == 0:
+        return out
+    head_tab = torch.tensor(heads, dtype=torch.int32, device=device)
+    stride_oh = out.stride(1) if per_head else 0
+    _alignment_kernel[(blocks.shape[0], num_windows)](
+        q, kbar, out, blocks, head_tab,
+        q.stride(0), q.stride(1), out.stride(0), stride_oh,
+        len(heads), hq // hk, num_regions, hk, d, 1.0 / len(heads),
+        PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+    return out
