@@ -19,7 +19,7 @@ import torch
 from ..reference.attention_mass import attention_mass_reference
 from ._launch import (check_head_dim, device_index, dtype_code, extension_for, int32_on,
                       last_dim_contiguous, ptr, stream_handle)
-from ._tables import row_blocks, segment_block_lists
+from .._work_tables import row_blocks, segment_block_lists
 
 # Default rows per block: small blocks give many warps; with deterministic segment sums every
 # block owns a partial output row, so larger blocks keep that buffer small.

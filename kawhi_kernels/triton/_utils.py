@@ -61,48 +61,6 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def row_blocks(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_rows: int,
-               query_segment: torch.Tensor | None = None) -> torch.Tensor:
-    """Host-built table of query row blocks, int32 [num_blocks, 4] on the device of cu_seqlens_q.
-
-    Each block is (sequence b, first global row, row count ≤ block_rows, segment). Rows are cut
-    into runs at every sequence start and, when ``query_segment`` is given, at every change of
-    segment, so all rows of a block share one sequence and one segment; runs are then chopped
-    into pieces of ``block_rows``. Runs of sequences without keys and of segment −1 are dropped
-    (they contribute nothing). Without ``query_segment`` the segment column is 0.
-    """
-    device = cu_seqlens_q.device
-    cu_q = cu_seqlens_q.detach().to("cpu", torch.int64)
-    cu_k = cu_seqlens_k.detach().to("cpu", torch.int64)
-    lens_q = cu_q[1:] - cu_q[:-1]
-    lens_k = cu_k[1:] - cu_k[:-1]
-    total_q = int(cu_q[-1])
-    if total_q == 0:
-        return torch.zeros(0, 4, dtype=torch.int32, device=device)
-    num_seqs = lens_q.numel()
-    seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), lens_q)
-    starts = torch.zeros(total_q, dtype=torch.bool)
-    starts[cu_q[:-1][lens_q > 0]] = True
-    if query_segment is not None:
-        seg = query_segment.detach().to("cpu", torch.int64)
-        starts[1:] |= seg[1:] != seg[:-1]
-    else:
-        seg = torch.zeros(total_q, dtype=torch.int64)
-    run_start = starts.nonzero().squeeze(1)
-    run_len = torch.diff(run_start, append=torch.tensor([total_q]))
-    run_seq, run_seg = seq_of_row[run_start], seg[run_start]
-    keep = (run_seg >= 0) & (lens_k[run_seq] > 0)
-    run_start, run_len, run_seq, run_seg = run_start[keep], run_len[keep], run_seq[keep], run_seg[keep]
-    pieces = (run_len + block_rows - 1) // block_rows
-    run_of_block = torch.repeat_interleave(torch.arange(run_start.numel()), pieces)
-    first_piece = torch.cumsum(pieces, 0) - pieces
-    piece = torch.arange(run_of_block.numel()) - first_piece[run_of_block]
-    block_start = run_start[run_of_block] + piece * block_rows
-    block_count = torch.minimum(run_len[run_of_block] - piece * block_rows, torch.tensor(block_rows))
-    table = torch.stack([run_seq[run_of_block], block_start, block_count, run_seg[run_of_block]], dim=1)
-    return table.to(device=device, dtype=torch.int32)
-
-
 def key_tiles(cu_seqlens_k: torch.Tensor, key_region: torch.Tensor, block_n: int):
     """Per-sequence key tiles of ``block_n`` keys and the region span of each tile.
 

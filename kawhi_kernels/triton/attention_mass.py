@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._work_tables import row_blocks, segment_block_lists
 from ..reference.attention_mass import attention_mass_reference
 from ._utils import (
     check_head_dim,
@@ -49,7 +50,6 @@ from ._utils import (
     last_dim_contiguous,
     launch_options,
     next_pow2,
-    row_blocks,
     split_fp16,
 )
 
@@ -253,10 +253,7 @@ def _sum_partials(partial: torch.Tensor, blocks: torch.Tensor, num_segments: int
     """Deterministic Σ of per-block partial rows into segments (fixed block order)."""
     _, h, r = partial.shape
     out = torch.zeros(num_segments, h, r, dtype=torch.float32, device=partial.device)
-    seg = blocks[:, 3].to(torch.int64)
-    order = torch.sort(seg, stable=True).indices
-    seg_start = torch.zeros(num_segments + 1, dtype=torch.int64, device=partial.device)
-    seg_start[1:] = torch.cumsum(torch.bincount(seg, minlength=num_segments), 0)
+    seg_start, order = (t.to(partial.device) for t in segment_block_lists(blocks.cpu(), num_segments))
     row_elems = h * r
     block = min(1024, next_pow2(row_elems))
     _sum_partials_kernel[(num_segments, triton.cdiv(row_elems, block))](
@@ -336,7 +333,7 @@ def attention_mass_triton(
     if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
         block_rows = next_pow2(-(-16 // gp))
     block_rows = next_pow2(block_rows)
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment)
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment).to(device)
     if blocks.shape[0] == 0:
         return out
     tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_n)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._work_tables import row_blocks
 from ..reference.cosine_alignment import cosine_alignment_reference
 from ._utils import (
     check_head_dim,
@@ -29,7 +30,6 @@ from ._utils import (
     last_dim_contiguous,
     launch_options,
     next_pow2,
-    row_blocks,
     split_fp16,
 )
 
@@ -174,7 +174,7 @@ def cosine_alignment_triton(
         k.stride(0), k.stride(1), num_regions, hk, d,
         BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
 
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_q)
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_q).to(device)
     if blocks.shape[0] == 0:
         return out
     head_tab = torch.tensor(heads, dtype=torch.int32, device=device)

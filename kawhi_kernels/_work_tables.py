@@ -1,7 +1,9 @@
-"""Host-built work tables for the CUDA ``attention_mass`` kernel (CPU tensors, pure torch).
+"""Host-built work tables shared by the fused backends (Triton and CUDA), pure torch on the CPU.
 
 A row block is a run of at most ``block_rows`` consecutive query rows that share one sequence
-and, for segmented output, one segment; the kernel gives each (row block, head) pair one warp.
+and, for segmented output, one segment: the unit of work of the fused ``attention_mass`` and
+``cosine_alignment`` kernels. The segment block lists fix the summation order of the
+deterministic segment reduction.
 """
 from __future__ import annotations
 
