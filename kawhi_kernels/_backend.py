@@ -15,6 +15,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+# Largest head dim the fused kernels (Triton and CUDA) are built for; the reference has no limit.
+FUSED_MAX_HEAD_DIM = 256
 
 
 def triton_interpreter_enabled() -> bool:
@@ -59,16 +61,22 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
 
 
 def resolve_backend(backend: str, device: torch.device, op_name: str,
-                    implemented: tuple[str, ...]) -> str:
+                    implemented: tuple[str, ...], *, head_dim: int | None = None) -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend that can run ``op_name`` on
-    ``device``; raise ``ValueError``/``RuntimeError`` with the reason when a forced one cannot."""
+    ``device``; raise ``ValueError``/``RuntimeError`` with the reason when a forced one cannot.
+    ``head_dim`` above :data:`FUSED_MAX_HEAD_DIM` keeps ``auto`` on the reference."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     reasons = {"triton": triton_unavailable_reason, "cuda": cuda_unavailable_reason}
+    too_wide = head_dim is not None and head_dim > FUSED_MAX_HEAD_DIM
     if backend == "auto":
-        if device.type == "cuda" and "triton" in implemented and triton_unavailable_reason(device) is None:
+        if (device.type == "cuda" and "triton" in implemented and not too_wide
+                and triton_unavailable_reason(device) is None):
             return "triton"
         return "torch"
+    if backend != "torch" and too_wide:
+        raise ValueError(f"q: head dim {head_dim} exceeds the {backend} backend limit "
+                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
     if backend not in implemented:
         raise ValueError(f"backend: {op_name} has no {backend!r} implementation "
                          f"(available: {list(implemented)})")

@@ -89,3 +89,18 @@ def test_invalid_inputs_name_the_argument():
         patch_descriptors_triton(img, (2, 3), 0.0)
     with pytest.raises(TypeError, match="grid_hw"):
         patch_descriptors_triton(img, 2)
+
+
+def test_select_key_regions_on_the_triton_backend_matches_torch():
+    from kawhi_kernels import select_key_regions
+
+    seed = fresh_seed()
+    image = torch.from_numpy(structured_image(seed, 2, 3, 8)).to(DEVICE)
+    kwargs = dict(generator=None, skip_ratio=0.0)
+    fused = select_key_regions(image, (2, 3), backend="triton", **kwargs)
+    plain = select_key_regions(image, (2, 3), backend="torch", **kwargs)
+    assert torch.equal(fused.labels.cpu(), plain.labels.cpu()), f"seed {seed}"
+    assert torch.equal(fused.is_key.cpu(), plain.is_key.cpu()), f"seed {seed}"
+    torch.testing.assert_close(fused.energy.cpu(), plain.energy.cpu(), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="float32 only"):
+        select_key_regions(image, (2, 3), backend="triton", dtype=torch.float64)

@@ -113,3 +113,15 @@ def test_cosine_alignment_validates_like_attention_mass():
     with pytest.raises(ValueError, match="heads"):
         cosine_alignment(args["q"], args["k"], args["cu_seqlens_q"], args["cu_seqlens_k"],
                          args["key_region"], 3, heads=[9])
+
+
+def test_head_dim_beyond_fused_kernels_is_named_and_auto_stays_on_torch():
+    from kawhi_kernels._backend import resolve_backend
+
+    args = good_inputs()
+    args["q"], args["k"] = torch.randn(5, 4, 320), torch.randn(7, 2, 320)
+    with pytest.raises(ValueError, match="head dim 320 exceeds the triton backend limit 256"):
+        attention_mass(**args, backend="triton")
+    assert resolve_backend("auto", torch.device("cuda"), "attention_mass", ("torch", "triton"),
+                           head_dim=320) == "torch"
+    assert attention_mass(**args, backend="auto").shape == (5, 4, 3)

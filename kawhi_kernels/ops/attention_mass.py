@@ -119,7 +119,7 @@ def attention_mass(
             # -inf is legitimate for rows with no visible key; NaN and +inf are not.
             if bool(torch.isnan(lse).any() | torch.isposinf(lse).any()):
                 raise ValueError("lse: contains NaN or +Inf values")
-    resolved = resolve_backend(backend, device, "attention_mass", tuple(IMPLEMENTATIONS))
+    resolved = resolve_backend(backend, device, "attention_mass", tuple(IMPLEMENTATIONS), head_dim=d)
     with torch.no_grad():
         return _attention_mass_op(
             q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, key_region, num_regions,

@@ -60,7 +60,7 @@ def cosine_alignment(
         fp32 (fp64 for fp64 inputs) [total_q, R], or [total_q, len(heads), R] with ``per_head``;
         0 for a region without keys and for zero vectors. No causal masking (keys are image tokens).
     """
-    hq, _, _ = V.check_qk_pair(q, k)
+    hq, _, d = V.check_qk_pair(q, k)
     device = q.device
     V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device=device)
     V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=device)
@@ -73,7 +73,7 @@ def cosine_alignment(
     if check_finite:
         V.check_finite("q", q)
         V.check_finite("k", k)
-    resolved = resolve_backend(backend, device, "cosine_alignment", tuple(IMPLEMENTATIONS))
+    resolved = resolve_backend(backend, device, "cosine_alignment", tuple(IMPLEMENTATIONS), head_dim=d)
     with torch.no_grad():
         return _cosine_alignment_op(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, key_region,
                                     num_regions, head_list, bool(per_head), resolved)

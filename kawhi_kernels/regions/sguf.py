@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .._validation import check_real
-from .descriptors import check_grid_hw, check_image, patch_descriptors
+from ..ops.patch_descriptors import patch_descriptors_on_backend
+from .descriptors import check_grid_hw, check_image
 from .union_find import merge_components_numpy
 
 __all__ = ["KeyRegions", "select_key_regions", "key_regions_from_descriptors"]
@@ -154,7 +155,7 @@ def _is_grid_pair(value) -> bool:
 def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0.5,
                        delta_l: float = 30.0, beta: float = 0.1, skip_ratio: float = 0.7,
                        generator: torch.Generator | None = None,
-                       dtype: torch.dtype = torch.float32):
+                       dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """Structure-guided union-find (SGUF) key regions and the selected token set S.
 
     Args:
@@ -173,6 +174,8 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
             visited in label order, one ``torch.randperm(|C|, generator=generator)`` each.
         dtype: precision of the descriptor computation, torch.float32 (default) or torch.float64
             (the union-find and energies always run in float64).
+        backend: descriptor stage on "torch", "triton" or "cuda" (float32 only); "auto" uses
+            Triton for CUDA images when it is importable, else torch.
 
     Returns:
         :class:`KeyRegions` (tensors on the image's device), or a list of them for a list/batch.
@@ -180,6 +183,9 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
     params = _check_params(sigma, delta_s, delta_l, beta, skip_ratio)
     _check_generator(generator)
     rest = {k: params[k] for k in ("delta_s", "delta_l", "beta", "skip_ratio")}
+
+    def describe(img, grid):
+        return patch_descriptors_on_backend(img, grid, sigma=params["sigma"], dtype=dtype, backend=backend)
 
     if isinstance(image, (list, tuple)):
         if len(image) == 0:
@@ -190,7 +196,7 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
         checked = check_image(image, allow_batch=True)
         if checked.dim() == 3:
             grid = check_grid_hw(grid_hw)
-            lmax, lmin, light = patch_descriptors(checked, grid, sigma=params["sigma"], dtype=dtype)
+            lmax, lmin, light = describe(checked, grid)
             return key_regions_from_descriptors(lmax, lmin, light, grid, generator=generator,
                                                 device=checked.device, **rest)
         if checked.shape[0] == 0:
@@ -207,14 +213,14 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
         grids = [check_grid_hw(g, f"grid_hw[{i}]") for i, g in enumerate(grid_hw)]
 
     if batched is not None and len(set(grids)) == 1:  # one batched descriptor pass
-        desc = patch_descriptors(batched, grids[0], sigma=params["sigma"], dtype=dtype)
+        desc = describe(batched, grids[0])
         host = [d.to("cpu", torch.float64).numpy() for d in desc]  # one device->host copy each
         per_image = [tuple(h[b] for h in host) for b in range(len(images))]
     else:
         per_image = []
         for i, (im, g) in enumerate(zip(images, grids)):
             try:
-                per_image.append(patch_descriptors(im, g, sigma=params["sigma"], dtype=dtype))
+                per_image.append(describe(im, g))
             except ValueError as exc:
                 raise ValueError(f"image[{i}] / grid_hw: {exc}") from None
     return [key_regions_from_descriptors(*d, g, generator=generator, device=im.device, **rest)
