@@ -15,7 +15,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-# Largest head dim the fused kernels (Triton and CUDA) are built for; the reference has no limit.
+# Largest head dim the fused kernels (Triton and CUDA, csrc/ops.h kMaxHeadDim) are built for; the
+# reference has no limit.
 FUSED_MAX_HEAD_DIM = 256
 
 

@@ -19,8 +19,8 @@ import torch
 
 from kawhi_kernels._extension import arch_covers, cuda_backend_problem, load_extension
 from kawhi_kernels.cuda import attention_mass_cuda, cosine_alignment_cuda
-from kawhi_kernels.cuda._launch import MAX_HEAD_DIM
-from kawhi_kernels._work_tables import row_blocks, segment_block_lists
+from kawhi_kernels._backend import FUSED_MAX_HEAD_DIM as MAX_HEAD_DIM
+from kawhi_kernels._fused_host import row_blocks, segment_block_lists
 from kawhi_kernels.reference.attention_mass import attention_mass_reference
 from kawhi_kernels.reference.cosine_alignment import cosine_alignment_reference
 from test_build import ROOT, _cmake, _configure, _nvcc

@@ -10,7 +10,6 @@ from .._extension import cuda_backend_problem, load_extension
 
 # q/k dtypes the kernels read (fp64 inputs are handled by the torch reference instead).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256  # csrc/ops.h kMaxHeadDim: one warp holds a row, 8 values per lane
 
 
 def device_index(device: torch.device) -> int:
@@ -33,17 +32,6 @@ def dtype_code(ext: ModuleType, name: str, dtype: torch.dtype) -> int:
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: the CUDA kernels read float32, float16 or bfloat16, got {dtype}")
     return int(ext.DTYPE_CODES[str(dtype).replace("torch.", "")])
-
-
-def check_head_dim(name: str, d: int) -> None:
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {d} exceeds the CUDA backend limit {MAX_HEAD_DIM}; "
-                         "use backend='torch'")
-
-
-def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x`` when its last dim has stride 1 (other strides are passed on), else a contiguous copy."""
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def int32_on(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -17,9 +17,9 @@ import math
 import torch
 
 from ..reference.attention_mass import attention_mass_reference
-from ._launch import (check_head_dim, device_index, dtype_code, extension_for, int32_on,
-                      last_dim_contiguous, ptr, stream_handle)
-from .._work_tables import row_blocks, segment_block_lists
+from .._fused_host import check_head_dim, last_dim_contiguous
+from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
+from .._fused_host import row_blocks, segment_block_lists
 
 # Default rows per block: small blocks give many warps; with deterministic segment sums every
 # block owns a partial output row, so larger blocks keep that buffer small.
@@ -74,7 +74,7 @@ def attention_mass_cuda(
             heads=heads, lse=lse, causal=causal, softmax_scale=scale)
     device = q.device
     ext = extension_for(device, "attention_mass")
-    check_head_dim("q", d)
+    check_head_dim("q", d, "CUDA")
     code = dtype_code(ext, "q", q.dtype)
     num_out = num_segments if segmented else q.shape[0]
     partial = segmented and deterministic

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.cosine_alignment import cosine_alignment_reference
-from ._launch import (check_head_dim, device_index, dtype_code, extension_for, int32_on,
-                      last_dim_contiguous, ptr, stream_handle)
+from .._fused_host import check_head_dim, last_dim_contiguous
+from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
 
 
 def cosine_alignment_cuda(
@@ -47,7 +47,7 @@ def cosine_alignment_cuda(
                                           num_regions, heads=heads, per_head=per_head)
     device = q.device
     ext = extension_for(device, "cosine_alignment")
-    check_head_dim("q", d)
+    check_head_dim("q", d, "CUDA")
     code = dtype_code(ext, "q", q.dtype)
     shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)
     if q.shape[0] == 0 or num_regions == 0:

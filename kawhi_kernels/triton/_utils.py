@@ -9,7 +9,6 @@ import triton.language as tl
 from .._backend import triton_interpreter_enabled
 
 # Largest head dim the Triton kernels accept (q/k tiles are padded to the next power of two).
-MAX_HEAD_DIM = 256
 
 
 def next_pow2(n: int) -> int:
@@ -47,18 +46,6 @@ def split_fp16(x):
     hi = x.to(tl.float16)
     lo = (x - hi.to(tl.float32)).to(tl.float16)
     return hi, lo
-
-
-def check_head_dim(name: str, d: int) -> None:
-    """Raise a ValueError naming ``name`` when the head dim exceeds what the kernels support."""
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {d} exceeds the Triton backend limit {MAX_HEAD_DIM}; "
-                         "use backend='torch'")
-
-
-def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its last dim has stride 1 (other strides are passed to kernels), else a copy."""
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def key_tiles(cu_seqlens_k: torch.Tensor, key_region: torch.Tensor, block_n: int):

@@ -41,13 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._work_tables import row_blocks, segment_block_lists
+from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks, segment_block_lists
 from ..reference.attention_mass import attention_mass_reference
 from ._utils import (
-    check_head_dim,
     dot_precision,
     key_tiles,
-    last_dim_contiguous,
     launch_options,
     next_pow2,
     split_fp16,
@@ -311,7 +309,7 @@ def attention_mass_triton(
             q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
             query_segment=query_segment, num_segments=num_segments if segmented else None,
             heads=heads, lse=lse, causal=causal, softmax_scale=scale)
-    check_head_dim("q", d)
+    check_head_dim("q", d, "Triton")
     device = q.device
     num_out = num_segments if segmented else q.shape[0]
     out = torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)

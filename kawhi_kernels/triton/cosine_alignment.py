@@ -22,12 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._work_tables import row_blocks
+from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks
 from ..reference.cosine_alignment import cosine_alignment_reference
 from ._utils import (
-    check_head_dim,
     key_tiles,
-    last_dim_contiguous,
     launch_options,
     next_pow2,
     split_fp16,
@@ -151,7 +149,7 @@ def cosine_alignment_triton(
     if q.dtype == torch.float64:
         return cosine_alignment_reference(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
                                           heads=heads, per_head=per_head)
-    check_head_dim("q", d)
+    check_head_dim("q", d, "Triton")
     device = q.device
     shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)
     out = torch.zeros(shape, dtype=torch.float32, device=device)

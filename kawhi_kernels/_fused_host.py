@@ -1,4 +1,4 @@
-"""Host-built work tables shared by the fused backends (Triton and CUDA), pure torch on the CPU.
+"""Host-side preparation shared by the fused backends (Triton and CUDA), pure torch.
 
 A row block is a run of at most ``block_rows`` consecutive query rows that share one sequence
 and, for segmented output, one segment: the unit of work of the fused ``attention_mass`` and
@@ -8,6 +8,20 @@ deterministic segment reduction.
 from __future__ import annotations
 
 import torch
+
+from ._backend import FUSED_MAX_HEAD_DIM
+
+
+def check_head_dim(name: str, d: int, backend: str) -> None:
+    """ValueError naming ``name`` when the head dim exceeds what the fused kernels support."""
+    if d > FUSED_MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {d} exceeds the {backend} backend limit "
+                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` when its last dim has stride 1 (other strides are passed to kernels), else a copy."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def row_blocks(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_rows: int,
