@@ -16,7 +16,7 @@ def test_readme_opens_with_the_two_commands():
     assert blocks[0].strip() == "pip install torch==2.13.0 -e . && kawhi-kernels demo"
     assert blocks[1].strip() == 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q tests'
     ci = (README.parent / ".ci" / "run").read_text()
-    assert blocks[1].strip() in ci
+    assert blocks[0].strip() in ci and blocks[1].strip() in ci
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
