@@ -1,15 +1,17 @@
 // attention_mass: softmax probability mass of query rows on key regions (see ops.h).
 //
-// One warp per (row block, output slot). The warp walks the rows of its block in order; for each
-// row it holds q in registers (lane l: elements l, l + 32, ...), computes every visible key's
+// One warp per (row block, output slot); a thread block holds kMassWarps warps of consecutive row
+// blocks for one slot (independent warps, no shared memory: one-warp blocks would cap occupancy
+// at the per-SM block limit, 16 to 32 warps). The warp walks the rows of its block in order; for
+// each row it holds q in registers (lane l: elements l, l + 32, ...), computes every visible key's
 // score with a warp dot product, and
 //   pass 1 (skipped when lse is given): online softmax over the visible keys -> lse (natural log);
 //   pass 2: p = exp(s - lse) for the visible keys with a region, summed while consecutive keys
 //           share a region and flushed into the output row when the region changes.
 // Both passes compute a key's score with the same code, so they see bitwise the same value.
 // Output rows: per-row outputs belong to exactly one warp (plain read-add-write, deterministic);
-// segment outputs take fp32 atomicAdd, or with `deterministic` each block writes its own partial
-// row, and sum_partials_kernel adds the partial rows of each segment in a fixed order.
+// segment outputs take fp32 atomicAdd, or with `deterministic` each row block writes its own
+// partial row, and sum_partials_kernel adds the partial rows of each segment in a fixed order.
 #include <algorithm>
 #include <cmath>
 
@@ -31,7 +33,7 @@ struct MassKernelParams {
   const int32_t* row_blocks;
   const float* lse;
   float* target;  // out (kOutRows, kOutSegmentAtomic) or partial (kOutPartial)
-  int64_t hq, hk, head_dim, num_seqs, num_regions, num_heads, num_targets;
+  int64_t hq, hk, head_dim, num_seqs, num_regions, num_heads, num_targets, num_row_blocks;
   int64_t q_stride_t, q_stride_h, k_stride_t, k_stride_h, lse_stride_h, lse_stride_t;
   float scale;
   int causal;
@@ -49,11 +51,23 @@ __device__ __forceinline__ void flush_run(float* row_out, int region, float valu
   }
 }
 
+// Scaled score of one key, identical in both passes: the product is rounded on its own
+// (__fmul_rn), so the compiler cannot contract it into a later subtraction in one pass only.
 template <typename T>
-__global__ void __launch_bounds__(kWarpSize) attention_mass_kernel(MassKernelParams p) {
-  const int lane = threadIdx.x;
-  const int64_t block = blockIdx.x;
+__device__ __forceinline__ float score(const float (&qv)[kValuesPerLane], const T* key,
+                                       const MassKernelParams& p, int lane) {
+  return __fmul_rn(warp_dot(qv, key, p.head_dim, lane), p.scale);
+}
+
+constexpr int kMassWarps = 4;  // warps (row blocks) per thread block
+
+template <typename T>
+__global__ void __launch_bounds__(kMassWarps * kWarpSize)
+attention_mass_kernel(MassKernelParams p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * kMassWarps + threadIdx.x / kWarpSize;
   const int64_t slot = blockIdx.y;
+  if (block >= p.num_row_blocks) return;  // whole warps leave together (no block-wide sync)
   const int32_t* entry = p.row_blocks + block * 4;
   const int64_t seq = entry[0];
   const int64_t row0 = entry[1];
@@ -102,7 +116,7 @@ __global__ void __launch_bounds__(kWarpSize) attention_mass_kernel(MassKernelPar
       float m = -INFINITY;
       float l = 0.0f;
       for (int64_t j = 0; j < limit; ++j) {
-        const float s = warp_dot(qv, keys + j * p.k_stride_t, p.head_dim, lane) * p.scale;
+        const float s = score(qv, keys + j * p.k_stride_t, p, lane);
         const float m_new = fmaxf(m, s);
         if (m_new == -INFINITY) continue;
         l = l * expf(m - m_new) + expf(s - m_new);
@@ -116,7 +130,7 @@ __global__ void __launch_bounds__(kWarpSize) attention_mass_kernel(MassKernelPar
     for (int64_t j = 0; j < limit; ++j) {
       const int rg = region[j];
       if (rg < 0 || rg >= p.num_regions) continue;
-      const float s = warp_dot(qv, keys + j * p.k_stride_t, p.head_dim, lane) * p.scale;
+      const float s = score(qv, keys + j * p.k_stride_t, p, lane);
       const float prob = expf(s - lse);
       if (rg != run_region) {
         flush_run(row_out, run_region, run_sum, p.out_mode, lane);
@@ -180,6 +194,7 @@ void launch_attention_mass(const AttentionMassArgs& a) {
   p.hk = a.hk;
   p.head_dim = a.head_dim;
   p.num_seqs = a.num_seqs;
+  p.num_row_blocks = a.num_row_blocks;
   p.num_regions = a.num_regions;
   p.num_heads = a.num_heads;
   p.q_stride_t = a.q_stride_t;
@@ -207,17 +222,18 @@ void launch_attention_mass(const AttentionMassArgs& a) {
                      "attention_mass (zero partial)");
   }
 
-  const dim3 grid(static_cast<unsigned>(a.num_row_blocks), static_cast<unsigned>(a.num_heads));
+  const dim3 grid(blocks_for(a.num_row_blocks, kMassWarps), static_cast<unsigned>(a.num_heads));
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    attention_mass_kernel<T><<<grid, kWarpSize, 0, stream>>>(p);
+    attention_mass_kernel<T><<<grid, kMassWarps * kWarpSize, 0, stream>>>(p);
   });
   KAWHI_CHECK_LAUNCH("attention_mass_kernel");
 
   if (partial) {
     const int64_t total = a.num_segments * row_elems;
+    // Grid-stride loop: at most kMaxReduceBlocks blocks (capped in int64, before narrowing).
     const unsigned blocks = static_cast<unsigned>(
-        std::min<int64_t>(blocks_for(total, kReduceThreads), kMaxReduceBlocks));
+        std::min<int64_t>((total + kReduceThreads - 1) / kReduceThreads, kMaxReduceBlocks));
     sum_partials_kernel<<<blocks, kReduceThreads, 0, stream>>>(
         p.target, out, reinterpret_cast<const int32_t*>(a.segment_block_start),
         reinterpret_cast<const int32_t*>(a.segment_blocks), a.num_segments, row_elems,

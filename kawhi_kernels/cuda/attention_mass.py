@@ -17,9 +17,8 @@ import math
 import torch
 
 from ..reference.attention_mass import attention_mass_reference
-from .._fused_host import check_head_dim, last_dim_contiguous
+from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks, segment_block_lists
 from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
-from .._fused_host import row_blocks, segment_block_lists
 
 # Default rows per block: small blocks give many warps; with deterministic segment sums every
 # block owns a partial output row, so larger blocks keep that buffer small.
