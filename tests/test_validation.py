@@ -78,7 +78,8 @@ def test_check_finite_rejects_nan_and_inf():
     lse[0, 0] = float("nan")
     with pytest.raises(ValueError, match="lse: contains NaN"):
         call_mass(lse=lse, check_finite=True)
-    lse[0, 0] = float("-inf")  # a row with no visible key has lse = -inf: allowed
+    lse[0, 0] = float("-inf")  # rows with no visible key: FlashAttention writes ±inf; allowed
+    lse[1, 0] = float("inf")
     call_mass(lse=lse, check_finite=True)
 
 

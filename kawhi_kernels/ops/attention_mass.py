@@ -77,6 +77,7 @@ def attention_mass(
         heads: optional subset of query-head indices (list or 1-D int tensor), output order.
         lse: optional fp32 [Hq, total_q] natural-log softmax normaliser of scale·q·k over each
             row's visible keys (FlashAttention varlen's ``softmax_lse``); skips the normaliser pass.
+            A non-finite entry marks a row without visible keys (its output is 0).
         causal: bottom-right aligned per sequence: row i sees keys j ≤ i + Lk − Lq.
         softmax_scale: default 1/√D.
         deterministic: bit-reproducible accumulation order (fused backends).
@@ -116,9 +117,10 @@ def attention_mass(
         V.check_finite("q", q)
         V.check_finite("k", k)
         if lse is not None:
-            # -inf is legitimate for rows with no visible key; NaN and +inf are not.
-            if bool(torch.isnan(lse).any() | torch.isposinf(lse).any()):
-                raise ValueError("lse: contains NaN or +Inf values")
+            # ±inf is legitimate for rows with no visible key (FlashAttention writes +inf, its
+            # split-KV path -inf); such rows get 0. NaN is not.
+            if bool(torch.isnan(lse).any()):
+                raise ValueError("lse: contains NaN values")
     resolved = resolve_backend(backend, device, "attention_mass", tuple(IMPLEMENTATIONS), head_dim=d)
     with torch.no_grad():
         return _attention_mass_op(

@@ -2,13 +2,13 @@
 fp16-split matmul pieces used for fp32-accurate products on tensor cores."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
-
-# Largest head dim the Triton kernels accept (q/k tiles are padded to the next power of two).
 
 
 def next_pow2(n: int) -> int:
@@ -24,6 +24,18 @@ def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
     if num_stages is not None:
         options["num_stages"] = num_stages
     return options
+
+
+def device_guard(device: torch.device):
+    """Context that makes ``device`` the current CUDA device while kernels launch.
+
+    Triton launches on the *current* device (and its current stream), not on the device of the
+    tensors passed in: a launch for tensors on ``cuda:1`` while ``cuda:0`` is current would run
+    on GPU 0 with GPU 1 addresses. CPU tensors (the interpreter) need no guard.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def dot_precision(device: torch.device) -> str:

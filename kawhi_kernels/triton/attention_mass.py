@@ -1,10 +1,11 @@
 """Fused Triton ``attention_mass``: softmax mass of query rows on key regions, never writing P.
 
 One program per (query row block, KV head group). A row block holds up to ``BLOCK_ROWS`` rows of
-one sequence and one segment (host-built table, see :func:`._utils.row_blocks`); the program
+one sequence and one segment (host-built table, see :func:`.._fused_host.row_blocks`); the program
 stacks the rows of all selected query heads that read its KV head into one M = BLOCK_ROWS × GP
 tile (row-major over (row, head)), so every K tile is loaded once per group and GQA never
-repeats K.
+repeats K (a KV head with more selected query heads than the tile allows, > 128, or > 64 for
+fp32 with D > 128, is split into several groups that each read its K).
 
 Pass 1 (skipped when ``lse`` is given): online-softmax row max and sum over the visible keys.
 Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions in fp32:
@@ -41,9 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks, segment_block_lists
+from .._fused_host import (
+    check_head_dim,
+    last_dim_contiguous,
+    row_blocks,
+    segment_block_lists,
+)
 from ..reference.attention_mass import attention_mass_reference
 from ._utils import (
+    device_guard,
     dot_precision,
     key_tiles,
     launch_options,
@@ -115,7 +122,7 @@ def _attention_mass_kernel(
     if HAS_LSE:
         lse = tl.load(lse_ptr + head64 * stride_lh + grow * stride_lt, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
-        lse2 = tl.where(tl.abs(lse2) < float("inf"), lse2, 0.0)      # −inf (no key) / NaN → 0
+        lse2 = tl.where(tl.abs(lse2) < float("inf"), lse2, 0.0)      # ±inf (no key: FA writes +inf) / NaN → 0
     else:
         m_i = tl.full([M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
@@ -218,33 +225,46 @@ def _sum_partials_kernel(part_ptr, out_ptr, seg_start_ptr, seg_blocks_ptr, row_e
     tl.store(out_ptr + s.to(tl.int64) * row_elems + cols, acc, mask=ok)
 
 
-def _head_groups(heads: list[int], group_size: int, device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor, int]:
+def _head_groups(heads: list[int], group_size: int, max_group: int, device) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Selected query heads grouped by KV head: (kv int32 [G], head int32 [G, GP], slot int32
-    [G, GP], GP) with −1 padding; GP = next power of two of the largest group."""
-    groups: dict[int, list[tuple[int, int]]] = {}
+    [G, GP], GP) with −1 padding; GP = next power of two of the largest group.
+
+    A KV head with more than ``max_group`` selected heads is split into near-equal groups of at
+    most ``max_group`` heads (each reads that KV head's K once), so the stacked tile of
+    M = rows × GP never outgrows what the tile configuration was checked for.
+    """
+    by_kv: dict[int, list[tuple[int, int]]] = {}
     for slot, h in enumerate(heads):
-        groups.setdefault(h // group_size, []).append((h, slot))
-    gp = next_pow2(max(len(v) for v in groups.values()))
-    kvs = sorted(groups)
-    head_tab = torch.full((len(kvs), gp), -1, dtype=torch.int32)
-    slot_tab = torch.full((len(kvs), gp), -1, dtype=torch.int32)
-    for i, kv in enumerate(kvs):
-        for j, (h, slot) in enumerate(groups[kv]):
+        by_kv.setdefault(h // group_size, []).append((h, slot))
+    groups: list[tuple[int, list[tuple[int, int]]]] = []
+    for kv in sorted(by_kv):
+        members = by_kv[kv]
+        parts = -(-len(members) // max_group)
+        size = -(-len(members) // parts)
+        groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
+    gp = next_pow2(max(len(m) for _, m in groups))
+    head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    for i, (_, members) in enumerate(groups):
+        for j, (h, slot) in enumerate(members):
             head_tab[i, j], slot_tab[i, j] = h, slot
-    return (torch.tensor(kvs, dtype=torch.int32, device=device), head_tab.to(device),
-            slot_tab.to(device), gp)
+    kv_tab = torch.tensor([kv for kv, _ in groups], dtype=torch.int32)
+    return kv_tab.to(device), head_tab.to(device), slot_tab.to(device), gp
 
 
-def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int]:
-    """(stacked rows M, keys per tile, num_warps, num_stages) for a launch.
+def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int, int]:
+    """(stacked rows M, keys per tile, num_warps, num_stages, largest M) for a launch.
 
     Chosen from register/shared-memory use of sm_90 builds (no spills for fp16/bf16 at D ≤ 128);
     fp32 inputs use tf32x3 for QKᵀ, whose operand splits need smaller tiles. Not tuned on timings.
+    M grows past the first value only when one KV head has more selected query heads than that
+    (GQA/MQA groups are stacked whole); the last value caps it: larger groups are split (fp32
+    with D > 128 at M = 128 needs 288 KiB of shared memory, over sm_90's 227 KiB).
     """
     if dtype == torch.float32:
-        return (64, 32, 8, 1) if d <= 128 else (32, 16, 4, 1)
-    return 64, 64, (8 if acc_mode == _ACC_WINDOW or d > 128 else 4), 2
+        return (64, 32, 8, 1, 128) if d <= 128 else (32, 16, 4, 1, 64)
+    return 64, 64, (8 if acc_mode == _ACC_WINDOW or d > 128 else 4), 2, 128
 
 
 def _sum_partials(partial: torch.Tensor, blocks: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -277,6 +297,7 @@ def attention_mass_triton(
     block_rows: int | None = None,
     block_n: int | None = None,
     coarse_max_regions: int = 64,
+    max_group_heads: int | None = None,
 ) -> torch.Tensor:
     """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
 
@@ -296,6 +317,8 @@ def attention_mass_triton(
             with D > 128); GP = heads per KV group, rounded up to a power of two.
         block_n: keys per tile (default 64; 32 or 16 for fp32; ≥ 16, a power of two).
         coarse_max_regions: R at or below which the register one-hot matmul path is used.
+        max_group_heads: most query heads of one KV head stacked in one program (default: the
+            tile configuration's limit, 128 or 64 stacked rows); larger groups are split.
 
     Returns:
         fp32 [num_segments or total_q, len(heads), R] (fp64 for fp64 inputs).
@@ -316,14 +339,17 @@ def attention_mass_triton(
     if num_out == 0 or num_regions == 0 or k.shape[0] == 0:
         return out
 
-    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, hq // hk, device)
     if num_regions <= coarse_max_regions:
         acc_mode, block_r = _ACC_COARSE, max(16, next_pow2(num_regions))
     elif deterministic:
         acc_mode, block_r = _ACC_WINDOW, 64
     else:
         acc_mode, block_r = _ACC_ATOMIC, 16          # (block_r unused on this path)
-    stacked_rows, default_n, num_warps, num_stages = _tile_config(q.dtype, d, acc_mode)
+    stacked_rows, default_n, num_warps, num_stages, max_stacked = _tile_config(q.dtype, d, acc_mode)
+    max_group = max_group_heads if max_group_heads is not None else max_stacked
+    if max_group < 1:
+        raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
+    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, hq // hk, max_group, device)
     block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
     block_n = block_n if block_n is not None else default_n
     if block_n < 16 or block_n & (block_n - 1):
@@ -356,17 +382,18 @@ def attention_mass_triton(
     region = key_region.to(device=device, dtype=torch.int32).contiguous()
     extra = launch_options(num_warps, num_stages=num_stages)
     grid = (blocks.shape[0], kv_tab.numel())
-    _attention_mass_kernel[grid](
-        q, k, region, lse_arg, target,
-        cu_q, cu_k, blocks, tile_base, tile_rmin, tile_rmax,
-        kv_tab, head_tab, slot_tab,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
-        target.stride(0), target.stride(1),
-        num_regions, d, scale * LOG2E,
-        HAS_LSE=lse is not None, CAUSAL=bool(causal), OUT_MODE=out_mode, ACC_MODE=acc_mode,
-        BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
-        BLOCK_R=block_r, DOT_PRECISION=dot_precision(device), **extra,
-    )
-    if out_mode == _OUT_PARTIAL:
-        return _sum_partials(target, blocks, num_segments)
+    with device_guard(device):              # Triton launches on the current device
+        _attention_mass_kernel[grid](
+            q, k, region, lse_arg, target,
+            cu_q, cu_k, blocks, tile_base, tile_rmin, tile_rmax,
+            kv_tab, head_tab, slot_tab,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
+            target.stride(0), target.stride(1),
+            num_regions, d, scale * LOG2E,
+            HAS_LSE=lse is not None, CAUSAL=bool(causal), OUT_MODE=out_mode, ACC_MODE=acc_mode,
+            BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
+            BLOCK_R=block_r, DOT_PRECISION=dot_precision(device), **extra,
+        )
+        if out_mode == _OUT_PARTIAL:
+            return _sum_partials(target, blocks, num_segments)
     return out

@@ -1,18 +1,19 @@
 """Fused Triton ``cosine_alignment`` (factorised mean cosine), two bandwidth-bound kernels.
 
-1. ``_region_mean_keys_kernel``: one program per (sequence, KV head, window of BLOCK_R regions)
+1. ``_region_mean_keys_kernel``: one program per (sequence × window of BLOCK_R regions, KV head)
    walks the sequence's key tiles (tiles whose region span misses the window are skipped),
    normalises each key, and accumulates Σ unit key and the key count per region with a one-hot
    matmul onehotᵀ[BLOCK_R, BLOCK_K] @ k̂[BLOCK_K, D] (k̂ split into fp16 hi + lo parts, so the
    tensor-core product stays fp32-accurate); it writes k̄ = Σ / count (0 for an empty
    region) to an fp32 [B, R, Hk, D] buffer. No atomics: deterministic.
-2. ``_alignment_kernel``: one program per (query row block of one sequence, region window)
+2. ``_alignment_kernel``: one program per (query row block of one sequence × region window)
    reads each selected head's q rows once, normalises them and takes q̂ @ k̄ᵀ for the head's KV
    head (three fp16 products of hi/lo splits), writing per-head values or accumulating the mean
    over heads. No [rows, H, R, D] intermediate exists.
 
 Launches use 8 warps, 64 keys per tile, 64 rows per program and BLOCK_R = 16…64 regions per
-window (no register spills in sm_90 builds for D ≤ 128).
+window, fewer for wider heads (:func:`_block_regions`). The (block or sequence) × window index
+is flattened into grid axis 0, whose limit is 2^31 − 1 (axes 1 and 2 stop at 65535).
 
 fp16/bf16/fp32 loads, fp32 arithmetic; fp64 inputs fall back to the torch reference.
 """
@@ -25,6 +26,7 @@ import triton.language as tl
 from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks
 from ..reference.cosine_alignment import cosine_alignment_reference
 from ._utils import (
+    device_guard,
     key_tiles,
     launch_options,
     next_pow2,
@@ -35,12 +37,13 @@ from ._utils import (
 @triton.jit
 def _region_mean_keys_kernel(
     k_ptr, region_ptr, cu_k_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr, kbar_ptr,
-    stride_kt, stride_kh, num_regions, num_kv_heads, head_dim,
+    stride_kt, stride_kh, num_regions, num_kv_heads, head_dim, num_windows,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    pid = tl.program_id(0)
+    seq = pid // num_windows
+    w0 = (pid % num_windows) * BLOCK_R
     kv = tl.program_id(1)
-    w0 = tl.program_id(2) * BLOCK_R
     k_start = tl.load(cu_k_ptr + seq)
     lk = tl.load(cu_k_ptr + seq + 1) - k_start
     tile0 = tl.load(tile_base_ptr + seq)
@@ -77,15 +80,15 @@ def _region_mean_keys_kernel(
 def _alignment_kernel(
     q_ptr, kbar_ptr, out_ptr, blocks_ptr, head_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    num_heads, group_size, num_regions, num_kv_heads, head_dim, inv_num_heads,
+    num_heads, group_size, num_regions, num_kv_heads, head_dim, inv_num_heads, num_windows,
     PER_HEAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    w0 = tl.program_id(1) * BLOCK_R
-    seq = tl.load(blocks_ptr + pid * 4)
-    row0 = tl.load(blocks_ptr + pid * 4 + 1)
-    nrows = tl.load(blocks_ptr + pid * 4 + 2)
+    blk = tl.program_id(0) // num_windows
+    w0 = (tl.program_id(0) % num_windows) * BLOCK_R
+    seq = tl.load(blocks_ptr + blk * 4)
+    row0 = tl.load(blocks_ptr + blk * 4 + 1)
+    nrows = tl.load(blocks_ptr + blk * 4 + 2)
     rows = (row0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
     row_ok = tl.arange(0, BLOCK_Q) < nrows
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,6 +118,16 @@ def _alignment_kernel(
     if not PER_HEAD:
         tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], mean * inv_num_heads,
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _block_regions(num_regions: int, d: int) -> int:
+    """Regions per window: 16…64 (next power of two of R), at most 32 for D > 64 and 16 for
+    D > 128. From sm_90 builds of the alignment kernel (64 rows, 8 warps): no register spills
+    up to D = 128 within these caps; at D = 256 with 64 regions its pipelined q/k̄ tiles needed
+    256 KiB of shared memory (sm_90 allows 227 KiB) and the launch would fail.
+    """
+    cap = 64 if d <= 64 else 32 if d <= 128 else 16
+    return min(cap, max(16, next_pow2(num_regions)))
 
 
 def cosine_alignment_triton(
@@ -156,7 +169,7 @@ def cosine_alignment_triton(
     if q.shape[0] == 0 or k.shape[0] == 0 or num_regions == 0:
         return out
     num_seqs = cu_seqlens_k.numel() - 1
-    block_r = min(64, max(16, next_pow2(num_regions)))
+    block_r = _block_regions(num_regions, d)
     num_windows = triton.cdiv(num_regions, block_r)
     block_d = max(16, next_pow2(d))
     extra = launch_options(8)
@@ -167,19 +180,19 @@ def cosine_alignment_triton(
 
     tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_k)
     kbar = torch.empty(num_seqs, num_regions, hk, d, dtype=torch.float32, device=device)
-    _region_mean_keys_kernel[(num_seqs, hk, num_windows)](
-        k, region, cu_k, tile_base, tile_rmin, tile_rmax, kbar,
-        k.stride(0), k.stride(1), num_regions, hk, d,
-        BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
-
     blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_q).to(device)
-    if blocks.shape[0] == 0:
+    if blocks.shape[0] == 0:                # no query row of a sequence with keys
         return out
     head_tab = torch.tensor(heads, dtype=torch.int32, device=device)
     stride_oh = out.stride(1) if per_head else 0
-    _alignment_kernel[(blocks.shape[0], num_windows)](
-        q, kbar, out, blocks, head_tab,
-        q.stride(0), q.stride(1), out.stride(0), stride_oh,
-        len(heads), hq // hk, num_regions, hk, d, 1.0 / len(heads),
-        PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+    with device_guard(device):              # Triton launches on the current device
+        _region_mean_keys_kernel[(num_seqs * num_windows, hk)](
+            k, region, cu_k, tile_base, tile_rmin, tile_rmax, kbar,
+            k.stride(0), k.stride(1), num_regions, hk, d, num_windows,
+            BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+        _alignment_kernel[(blocks.shape[0] * num_windows,)](
+            q, kbar, out, blocks, head_tab,
+            q.stride(0), q.stride(1), out.stride(0), stride_oh,
+            len(heads), hq // hk, num_regions, hk, d, 1.0 / len(heads), num_windows,
+            PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
     return out

@@ -3,7 +3,8 @@
 Each program owns a [BLOCK_M leading rows, BLOCK_C cells] output tile and gathers the (ragged)
 s × s patches of its cells from a host-built cell table (first token, rows and columns held,
 image width), accumulating in fp32. Every output is written by exactly one program: no atomics,
-deterministic. fp64 inputs fall back to the torch reference.
+deterministic. The tiles are numbered along grid axis 0 only (limit 2^31 − 1; axis 1 would stop
+at 65535 cell tiles, 4M cells). fp64 inputs fall back to the torch reference.
 """
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ import triton
 import triton.language as tl
 
 from ..reference.grid_pyramid import grid_pyramid_reference
-from ._utils import launch_options
+from ._utils import device_guard, launch_options
 
 
 @triton.jit
 def _grid_cells_kernel(
     mass_ptr, out_ptr, cell_base_ptr, cell_rows_ptr, cell_cols_ptr, cell_width_ptr,
-    num_lead, num_cells, stride_mass, stride_out, cell_size,
+    num_lead, num_cells, stride_mass, stride_out, cell_size, num_cell_tiles,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid = tl.program_id(0)
+    offs_m = ((pid // num_cell_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_c = (pid % num_cell_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < num_cells
     m_ok = offs_m < num_lead
     base = tl.load(cell_base_ptr + offs_c, mask=c_ok, other=0)
@@ -87,9 +89,11 @@ def grid_pyramid_triton(mass: torch.Tensor, grids: torch.Tensor, levels: list[in
         num_cells = base.numel()
         out = torch.zeros(num_lead, num_cells, dtype=torch.float32, device=mass.device)
         if num_lead and num_cells:
-            grid = (triton.cdiv(num_lead, block_m), triton.cdiv(num_cells, block_c))
-            _grid_cells_kernel[grid](
-                flat, out, base, rows, cols, widths, num_lead, num_cells,
-                flat.stride(0), out.stride(0), cell, BLOCK_M=block_m, BLOCK_C=block_c, **extra)
+            cell_tiles = triton.cdiv(num_cells, block_c)
+            with device_guard(mass.device):     # Triton launches on the current device
+                _grid_cells_kernel[(triton.cdiv(num_lead, block_m) * cell_tiles,)](
+                    flat, out, base, rows, cols, widths, num_lead, num_cells,
+                    flat.stride(0), out.stride(0), cell, cell_tiles,
+                    BLOCK_M=block_m, BLOCK_C=block_c, **extra)
         result.append(out.reshape(*lead_shape, num_cells))
     return result

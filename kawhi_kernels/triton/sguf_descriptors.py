@@ -32,7 +32,7 @@ from ..regions.descriptors import (
     gaussian_kernel1d,
     patch_size,
 )
-from ._utils import launch_options, next_pow2
+from ._utils import device_guard, launch_options, next_pow2
 
 # Programs launched at most (each loops over patches); bounds the scratch memory.
 MAX_PROGRAMS = 1024
@@ -159,9 +159,11 @@ def patch_descriptors_triton(image: torch.Tensor, grid_hw, sigma: float = 1.0):
         programs = min(total, MAX_PROGRAMS)
         scratch = torch.empty(programs * 2 * e * e, dtype=torch.float32, device=device)
         extra = launch_options(8)
-        _patch_descriptor_kernel[(programs,)](
-            images, _srgb_linear_table().to(device), weights, scratch, *outs,
-            images.stride(0), images.stride(1), images.stride(2), images.stride(3),
-            images.shape[1], images.shape[2], gw, n, total, patch,
-            RADIUS=radius, E=e, PP=next_pow2(patch), **extra)
+        lut = _srgb_linear_table().to(device)
+        with device_guard(device):              # Triton launches on the current device
+            _patch_descriptor_kernel[(programs,)](
+                images, lut, weights, scratch, *outs,
+                images.stride(0), images.stride(1), images.stride(2), images.stride(3),
+                images.shape[1], images.shape[2], gw, n, total, patch,
+                RADIUS=radius, E=e, PP=next_pow2(patch), **extra)
     return tuple(o if batched else o[0] for o in outs)

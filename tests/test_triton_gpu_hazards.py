@@ -1,0 +1,228 @@
+"""Regressions for hazards of the Triton kernels that the interpreter does not show by itself.
+
+* Launch device: Triton launches on the *current* CUDA device, so every launch must run under
+  the tensors' device (``device_guard``).
+* Shared memory: configurations the host picks must fit sm_90's 227 KiB per block (checked by
+  compiling for sm_90 without a GPU, in a subprocess without ``TRITON_INTERPRET``).
+* Grid limits: axes 1 and 2 stop at 65535, so large counts go on axis 0 (the flattened
+  block × window / lead × cell numbering must cover every output).
+* Large GQA/MQA groups are split into several programs per KV head (same results).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"     # before triton is imported anywhere below
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from triton_helpers import (
+    COSINE_TOL,
+    DEVICE,
+    HAS_CUDA,
+    MASS_TOL,
+    coarse_regions,
+    fresh_seed,
+    patch_regions,
+    random_qk,
+    reference_lse,
+    run_segments,
+)
+
+from kawhi_kernels.reference.attention_mass import attention_mass_reference
+from kawhi_kernels.reference.cosine_alignment import cosine_alignment_reference
+from kawhi_kernels.reference.grid_pyramid import grid_pyramid_reference
+from kawhi_kernels.triton._utils import device_guard
+from kawhi_kernels.triton.attention_mass import _head_groups, attention_mass_triton
+from kawhi_kernels.triton.cosine_alignment import cosine_alignment_triton
+from kawhi_kernels.triton.grid_pyramid import grid_pyramid_triton
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SM90_SHARED_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
+
+
+def test_device_guard_makes_the_tensors_device_current():
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with device_guard(torch.device("cpu")):    # the interpreter: no CUDA call at all
+        pass
+
+
+def test_head_groups_split_large_kv_groups_evenly_and_keep_every_slot():
+    heads = list(range(71)) + [72, 75]                   # KV head 0: 71 heads, KV head 1: 2
+    kv, head, slot, gp = _head_groups(heads, 71, 64, "cpu")
+    assert kv.tolist() == [0, 0, 1] and gp == 64
+    sizes = (head >= 0).sum(1).tolist()
+    assert sizes == [36, 35, 2]
+    got = sorted(zip(head[head >= 0].tolist(), slot[slot >= 0].tolist()))
+    assert got == sorted((h, s) for s, h in enumerate(heads))
+    assert torch.equal(head >= 0, slot >= 0)
+    _, _, _, gp_whole = _head_groups(heads, 71, 128, "cpu")
+    assert gp_whole == 128                               # under the cap: one group per KV head
+
+
+@pytest.mark.parametrize("num_regions,regions,segmented,deterministic", [
+    (5, "coarse", False, False),
+    (5, "coarse", True, True),
+    (90, "patch", True, False),      # atomics into segments
+    (90, "patch", False, True),      # windowed load-add-store into owned rows
+])
+def test_split_head_groups_match_reference(num_regions, regions, segmented, deterministic):
+    """8 query heads on one KV head, at most 3 per program: three programs per row block share
+    a KV head and write disjoint head slots of the same rows."""
+    seed = fresh_seed()
+    lens_q, lens_k = [7, 20], [9, 33]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 8, 1, 32)
+    make = coarse_regions if regions == "coarse" else patch_regions
+    key_region = make(seed + 1, lens_k, num_regions)
+    seg = {"query_segment": run_segments(seed + 2, lens_q, 4), "num_segments": 4} if segmented else {}
+    heads = [6, 0, 3, 7, 1, 5, 2]
+    want = attention_mass_reference(q, k, cu_q, cu_k, key_region, num_regions, heads=heads, **seg)
+    got = attention_mass_triton(q, k, cu_q, cu_k, key_region, num_regions, heads=heads,
+                                deterministic=deterministic, block_n=16, max_group_heads=3, **seg)
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_flash_attention_lse_of_rows_without_keys_is_plus_inf():
+    """FlashAttention writes lse = +inf (−inf on its split-KV path) for a row that sees no key;
+    such rows give 0 and every other row is unchanged."""
+    seed = fresh_seed()
+    q, k, cu_q, cu_k = random_qk(seed, [7, 4], [4, 6], 4, 2, 32)      # seq 0: rows 0-2 see no key
+    key_region = coarse_regions(seed, [4, 6], 3, sinks=0)
+    lse = reference_lse(q, k, cu_q, cu_k, True, 0.2)
+    assert torch.isinf(lse).any()
+    want = attention_mass_reference(q, k, cu_q, cu_k, key_region, 3, lse=lse, softmax_scale=0.2)
+    for empty in (float("inf"), float("-inf")):
+        fa_lse = torch.where(torch.isinf(lse), torch.full_like(lse, empty), lse)
+        got = attention_mass_triton(q, k, cu_q, cu_k, key_region, 3, lse=fa_lse, softmax_scale=0.2,
+                                    block_n=16)
+        assert torch.all(got[:3] == 0)
+        torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("d,num_regions", [(100, 40), (200, 40)])
+def test_cosine_region_windows_for_wide_heads(d, num_regions):
+    """D > 64 caps the region window (32, 16 for D > 128): several windows and row blocks on
+    the flattened grid axis."""
+    seed = fresh_seed()
+    lens_q, lens_k = [21, 5], [40, 30]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 4, 2, d, torch.float16)
+    key_region = patch_regions(seed + 1, lens_k, num_regions)
+    for per_head in (False, True):
+        want = cosine_alignment_reference(q, k, cu_q, cu_k, key_region, num_regions, heads=[3, 0],
+                                          per_head=per_head)
+        got = cosine_alignment_triton(q, k, cu_q, cu_k, key_region, num_regions, heads=[3, 0],
+                                      per_head=per_head, block_q=16, block_k=16)
+        torch.testing.assert_close(got, want, **COSINE_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_grid_pyramid_flattened_grid_covers_every_tile():
+    seed = fresh_seed()
+    grids = torch.tensor([[1, 5, 7], [2, 3, 4]], dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    mass = torch.randn(9, 59, generator=g).to(DEVICE)       # 3 lead tiles × 15 cell tiles
+    levels = [1, 2]
+    got = grid_pyramid_triton(mass, grids, levels, block_m=4, block_c=4)
+    for a, b in zip(got, grid_pyramid_reference(mass, grids, levels)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory of sm_90 builds (no GPU needed: Triton compiles for a named target).
+
+_COMPILE_SCRIPT = textwrap.dedent('''
+    import json, sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kawhi_kernels.triton import attention_mass as am, cosine_alignment as ca
+    from kawhi_kernels.triton._utils import next_pow2
+
+    def shared(kernel, dtypes, constexprs, floats, num_warps, num_stages):
+        sig = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = dtypes.get(name, "*i32")
+            else:
+                sig[name] = "fp32" if name in floats else "i32"
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        return k.metadata.shared
+
+    out = {}
+    # cosine_alignment, fp32, D = 256, 64 regions (the host's window choice)
+    out["cosine fp32 D=256 R=64"] = shared(
+        ca._alignment_kernel, {"q_ptr": "*fp32", "kbar_ptr": "*fp32", "out_ptr": "*fp32"},
+        dict(PER_HEAD=False, BLOCK_Q=64, BLOCK_D=256, BLOCK_R=ca._block_regions(64, 256)),
+        ("inv_num_heads",), 8, 3)
+    # attention_mass, fp32, D = 256, 128 query heads on one KV head (coarse regions)
+    stacked, block_n, warps, stages, max_stacked = am._tile_config(torch.float32, 256, 0)
+    gp = am._head_groups(list(range(128)), 128, max_stacked, "cpu")[3]
+    out["attention_mass fp32 D=256 Hq/Hk=128"] = shared(
+        am._attention_mass_kernel,
+        {"q_ptr": "*fp32", "k_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32"},
+        dict(HAS_LSE=False, CAUSAL=True, OUT_MODE=0, ACC_MODE=0, BLOCK_ROWS=max(1, stacked // gp),
+             GP=gp, BLOCK_N=block_n, BLOCK_D=256, BLOCK_R=64, DOT_PRECISION="tf32x3"),
+        ("scale_log2",), warps, stages)
+    print(json.dumps(out))
+''')
+
+
+def test_sm90_builds_fit_in_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except (ImportError, RuntimeError, AttributeError) as exc:   # no NVIDIA backend in Triton
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    if not ptxas or not os.path.exists(ptxas):
+        pytest.skip("cannot compile for sm_90 here: no ptxas")
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sizes = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, size in sizes.items():
+        assert size <= SM90_SHARED_LIMIT, f"{name}: {size} bytes of shared memory"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: tensors on a device that is not the current one.
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_launches_follow_the_tensors_device():
+    from kawhi_kernels.triton.sguf_descriptors import patch_descriptors_triton
+
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    seed = fresh_seed()
+    q, k, cu_q, cu_k = random_qk(seed, [6, 9], [10, 12], 4, 2, 64, torch.float16, device=dev)
+    key_region = coarse_regions(seed, [10, 12], 3, device=dev)
+    got = attention_mass_triton(q, k, cu_q, cu_k, key_region, 3)
+    want = attention_mass_reference(q, k, cu_q, cu_k, key_region, 3)
+    assert got.device == dev
+    torch.testing.assert_close(got, want, **MASS_TOL)
+    got = cosine_alignment_triton(q, k, cu_q, cu_k, key_region, 3)
+    torch.testing.assert_close(got, cosine_alignment_reference(q, k, cu_q, cu_k, key_region, 3),
+                               **COSINE_TOL)
+    grids = torch.tensor([[1, 3, 4]], dtype=torch.int64)
+    mass = torch.rand(5, 12, device=dev)
+    for a, b in zip(grid_pyramid_triton(mass, grids, [1, 2]),
+                    grid_pyramid_reference(mass, grids, [1, 2])):
+        torch.testing.assert_close(a, b)
+    image = torch.randint(0, 256, (28, 42, 3), dtype=torch.uint8, device=dev)
+    on_1 = patch_descriptors_triton(image, (2, 3))
+    on_0 = patch_descriptors_triton(image.to("cuda:0"), (2, 3))
+    for a, b in zip(on_1, on_0):
+        torch.testing.assert_close(a.cpu(), b.cpu())
