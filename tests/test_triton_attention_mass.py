@@ -151,9 +151,12 @@ def test_large_and_non_power_of_two_head_dims(d):
 
 
 def test_fp64_falls_back_to_reference():
+    from kawhi_kernels.ops.attention_mass import attention_mass
+
     q, k, cu_q, cu_k = random_qk(fresh_seed(), [4, 3], [6, 2], 4, 2, 64, torch.float64)
     key_region = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1], dtype=torch.int32, device=DEVICE)
-    got = attention_mass_triton(q, k, cu_q, cu_k, key_region, 2, heads=[0, 3], softmax_scale=0.1)
+    got = attention_mass(q, k, cu_q, cu_k, key_region, 2, heads=[0, 3], softmax_scale=0.1,
+                         backend="triton")
     want = attention_mass_reference(q, k, cu_q, cu_k, key_region, 2, heads=[0, 3], softmax_scale=0.1)
     assert got.dtype == torch.float64
     assert torch.equal(got, want)

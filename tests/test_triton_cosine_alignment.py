@@ -76,7 +76,7 @@ def test_public_op_with_triton_backend_and_fp64_fallback():
     want = cosine_alignment(q, k, cu_q, cu_k, key_region, 2, heads=[0, 5], backend="torch")
     torch.testing.assert_close(got, want, **COSINE_TOL, msg=lambda m: f"seed {seed}: {m}")
     q64, k64 = q.double(), k.double()
-    got64 = cosine_alignment_triton(q64, k64, cu_q, cu_k, key_region, 2, heads=[1])
+    got64 = cosine_alignment(q64, k64, cu_q, cu_k, key_region, 2, heads=[1], backend="triton")
     assert got64.dtype == torch.float64
     assert torch.equal(got64, cosine_alignment_reference(q64, k64, cu_q, cu_k, key_region, 2, heads=[1]))
 

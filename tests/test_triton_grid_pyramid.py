@@ -59,6 +59,6 @@ def test_public_op_with_triton_backend_and_fp64_fallback():
     want = grid_pyramid(mass, grids, 3, backend="torch")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    got64 = grid_pyramid_triton(mass.double(), torch.tensor(grids), [1, 2])
+    got64 = grid_pyramid(mass.double(), grids, [1, 2], backend="triton")
     assert got64[0].dtype == torch.float64
     assert torch.equal(got64[1], grid_pyramid_reference(mass.double(), torch.tensor(grids), [1, 2])[1])

@@ -3,7 +3,7 @@
 Each wrapper passes raw device pointers, sizes, strides, a dtype code and torch's current stream
 to the extension (which never links torch). They need a CUDA build of the extension and CUDA
 tensors; :func:`kawhi_kernels._extension.cuda_backend_problem` says why the backend cannot run
-where it cannot. fp64 inputs of the attention ops fall back to the torch reference.
+where it cannot. The public ops send fp64 inputs to the torch reference.
 """
 from .attention_mass import attention_mass_cuda
 from .cosine_alignment import cosine_alignment_cuda

@@ -7,8 +7,7 @@ warp per (row block, head): an online-softmax pass for each row's normaliser (sk
 outputs are written without atomics; segment outputs use fp32 atomicAdd, or with
 ``deterministic=True`` per-block partial rows summed in a fixed order (bit-identical runs).
 
-fp64 inputs are not run by the kernel: they fall back to the torch reference (and return fp64,
-as the op's contract states).
+The public op sends fp64 inputs to the torch reference; the kernel reads fp16/bf16/fp32.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import math
 
 import torch
 
-from ..reference.attention_mass import attention_mass_reference
 from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks, segment_block_lists
 from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
 
@@ -46,7 +44,7 @@ def attention_mass_cuda(
     """CUDA ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
 
     Args:
-        q: [total_q, Hq, D] fp16/bf16/fp32 CUDA tensor (fp64 → torch reference), D ≤ 256.
+        q: [total_q, Hq, D] fp16/bf16/fp32 CUDA tensor D ≤ 256.
         k: [total_k, Hk, D] same dtype and device, Hq % Hk == 0 (K is never repeated).
         cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
         key_region: int32/int64 [total_k] in [0, R) or −1.
@@ -60,17 +58,12 @@ def attention_mass_cuda(
         block_rows: rows per warp (default 8, or 64 for deterministic segment sums).
 
     Returns:
-        fp32 [num_segments or total_q, len(heads), R] (fp64 for fp64 inputs).
+        fp32 [num_segments or total_q, len(heads), R].
     """
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
     heads = list(range(hq)) if heads is None else list(heads)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     segmented = query_segment is not None
-    if q.dtype == torch.float64:
-        return attention_mass_reference(
-            q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
-            query_segment=query_segment, num_segments=num_segments if segmented else None,
-            heads=heads, lse=lse, causal=causal, softmax_scale=scale)
     device = q.device
     ext = extension_for(device, "attention_mass")
     check_head_dim("q", d, "CUDA")

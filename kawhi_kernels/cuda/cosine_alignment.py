@@ -3,13 +3,12 @@
 Two kernels without atomics (bit-reproducible): the mean unit key of every (sequence, region,
 KV head) into an fp32 workspace [B, R, Hk, D], then one warp per query row taking the unit
 query's dot product with its heads' mean keys (per head, or averaged over heads in-kernel).
-fp64 inputs fall back to the torch reference (and return fp64, as the op's contract states).
+The public op sends fp64 inputs to the torch reference.
 """
 from __future__ import annotations
 
 import torch
 
-from ..reference.cosine_alignment import cosine_alignment_reference
 from .._fused_host import check_head_dim, last_dim_contiguous
 from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
 
@@ -28,7 +27,7 @@ def cosine_alignment_cuda(
     """CUDA ``cosine_alignment`` (inputs validated by :func:`kawhi_kernels.ops.cosine_alignment`).
 
     Args:
-        q: [total_q, Hq, D] fp16/bf16/fp32 CUDA tensor (fp64 → torch reference), D ≤ 256.
+        q: [total_q, Hq, D] fp16/bf16/fp32 CUDA tensor D ≤ 256.
         k: [total_k, Hk, D] same dtype and device, Hq % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
         key_region: int32/int64 [total_k] in [0, R) or −1 (key not selected).
@@ -37,14 +36,11 @@ def cosine_alignment_cuda(
         per_head: return per-head values instead of their mean.
 
     Returns:
-        fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head`` (fp64 for fp64 inputs);
+        fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head``;
         0 for a region without keys and for zero vectors.
     """
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
     heads = list(range(hq)) if heads is None else list(heads)
-    if q.dtype == torch.float64:
-        return cosine_alignment_reference(q, k, cu_seqlens_q, cu_seqlens_k, key_region,
-                                          num_regions, heads=heads, per_head=per_head)
     device = q.device
     ext = extension_for(device, "cosine_alignment")
     check_head_dim("q", d, "CUDA")

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from .._backend import resolve_backend
-from ._dispatch import load_implementation
+from ._dispatch import implementation_for
 
 IMPLEMENTATIONS = {
     "torch": "kawhi_kernels.reference.attention_mass:attention_mass_reference",
@@ -28,10 +28,10 @@ def _attention_mass_op(
     num_segments: int, heads: list[int], lse: Optional[torch.Tensor], causal: bool,
     softmax_scale: float, deterministic: bool, backend: str,
 ) -> torch.Tensor:
-    impl = load_implementation(IMPLEMENTATIONS[backend])
+    impl = implementation_for(IMPLEMENTATIONS, backend, q.dtype)
     kwargs = dict(query_segment=query_segment, num_segments=num_segments, heads=heads, lse=lse,
                   causal=causal, softmax_scale=softmax_scale)
-    if backend != "torch":
+    if backend != "torch" and q.dtype != torch.float64:
         kwargs["deterministic"] = deterministic
     return impl(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions, **kwargs)
 

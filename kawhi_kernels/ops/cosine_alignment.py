@@ -5,7 +5,7 @@ import torch
 
 from .. import _validation as V
 from .._backend import resolve_backend
-from ._dispatch import load_implementation
+from ._dispatch import implementation_for
 
 IMPLEMENTATIONS = {
     "torch": "kawhi_kernels.reference.cosine_alignment:cosine_alignment_reference",
@@ -19,7 +19,7 @@ def _cosine_alignment_op(
     q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     key_region: torch.Tensor, num_regions: int, heads: list[int], per_head: bool, backend: str,
 ) -> torch.Tensor:
-    impl = load_implementation(IMPLEMENTATIONS[backend])
+    impl = implementation_for(IMPLEMENTATIONS, backend, q.dtype)
     return impl(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions, heads=heads,
                 per_head=per_head)
 

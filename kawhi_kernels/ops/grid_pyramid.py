@@ -5,7 +5,7 @@ import torch
 
 from .. import _validation as V
 from .._backend import resolve_backend
-from ._dispatch import load_implementation
+from ._dispatch import implementation_for
 
 IMPLEMENTATIONS = {
     "torch": "kawhi_kernels.reference.grid_pyramid:grid_pyramid_reference",
@@ -23,7 +23,7 @@ def num_cells(flat_grids: list[int], cell_size: int) -> int:
 @torch.library.custom_op("kawhi::grid_pyramid", mutates_args=())
 def _grid_pyramid_op(mass: torch.Tensor, flat_grids: list[int], levels: list[int],
                      backend: str) -> list[torch.Tensor]:
-    impl = load_implementation(IMPLEMENTATIONS[backend])
+    impl = implementation_for(IMPLEMENTATIONS, backend, mass.dtype)
     grid_tensor = torch.tensor(flat_grids, dtype=torch.int64).reshape(-1, 3)
     return impl(mass, grid_tensor, levels)
 

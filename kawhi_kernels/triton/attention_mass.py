@@ -26,8 +26,8 @@ tensor cores with fp32 accumulation (tf32x3 for fp32 inputs on NVIDIA).
 
 Key tiles beyond the causal limit of the block's last row are skipped in both passes, key tiles
 without any region key in pass 2 (per-tile region span precomputed with torch). Offsets are
-int64. Loads in fp16/bf16/fp32, all arithmetic in fp32. fp64 inputs fall back to the torch
-reference (and return fp64, as the op's contract states).
+int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64 inputs to the
+torch reference).
 
 Tiles (:func:`_tile_config`): M = 64 stacked rows and 64 keys per tile for fp16/bf16 (4 warps,
 8 on the windowed path or for D > 128, 2 stages); fp32 inputs use 64 × 32 (8 warps) or 32 × 16
@@ -48,7 +48,6 @@ from .._fused_host import (
     row_blocks,
     segment_block_lists,
 )
-from ..reference.attention_mass import attention_mass_reference
 from ._utils import (
     device_guard,
     dot_precision,
@@ -302,7 +301,7 @@ def attention_mass_triton(
     """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
 
     Args:
-        q: [total_q, Hq, D] fp16/bf16/fp32 (fp64 → torch reference), D ≤ 256.
+        q: [total_q, Hq, D] fp16/bf16/fp32 D ≤ 256.
         k: [total_k, Hk, D] same dtype, Hq % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
         key_region: int32/int64 [total_k] in [0, R) or −1.
@@ -321,17 +320,12 @@ def attention_mass_triton(
             tile configuration's limit, 128 or 64 stacked rows); larger groups are split.
 
     Returns:
-        fp32 [num_segments or total_q, len(heads), R] (fp64 for fp64 inputs).
+        fp32 [num_segments or total_q, len(heads), R].
     """
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
     heads = list(range(hq)) if heads is None else list(heads)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     segmented = query_segment is not None
-    if q.dtype == torch.float64:
-        return attention_mass_reference(
-            q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
-            query_segment=query_segment, num_segments=num_segments if segmented else None,
-            heads=heads, lse=lse, causal=causal, softmax_scale=scale)
     check_head_dim("q", d, "Triton")
     device = q.device
     num_out = num_segments if segmented else q.shape[0]

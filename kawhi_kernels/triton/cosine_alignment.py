@@ -15,7 +15,7 @@ Launches use 8 warps, 64 keys per tile, 64 rows per program and BLOCK_R = 16…6
 window, fewer for wider heads (:func:`_block_regions`). The (block or sequence) × window index
 is flattened into grid axis 0, whose limit is 2^31 − 1 (axes 1 and 2 stop at 65535).
 
-fp16/bf16/fp32 loads, fp32 arithmetic; fp64 inputs fall back to the torch reference.
+fp16/bf16/fp32 loads, fp32 arithmetic (the public op sends fp64 inputs to the torch reference).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks
-from ..reference.cosine_alignment import cosine_alignment_reference
 from ._utils import (
     device_guard,
     key_tiles,
@@ -146,7 +145,7 @@ def cosine_alignment_triton(
     """Triton ``cosine_alignment`` (inputs validated by :func:`kawhi_kernels.ops.cosine_alignment`).
 
     Args:
-        q: [total_q, Hq, D] fp16/bf16/fp32 (fp64 → torch reference), D ≤ 256.
+        q: [total_q, Hq, D] fp16/bf16/fp32 D ≤ 256.
         k: [total_k, Hk, D] same dtype; Hq % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
         key_region: int32/int64 [total_k] in [0, R) or −1 (key not selected).
@@ -155,13 +154,10 @@ def cosine_alignment_triton(
         block_q, block_k: rows per program / keys per tile (powers of two ≥ 16).
 
     Returns:
-        fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head`` (fp64 for fp64 inputs).
+        fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head``.
     """
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
     heads = list(range(hq)) if heads is None else list(heads)
-    if q.dtype == torch.float64:
-        return cosine_alignment_reference(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
-                                          heads=heads, per_head=per_head)
     check_head_dim("q", d, "Triton")
     device = q.device
     shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)

@@ -4,7 +4,7 @@ Each program owns a [BLOCK_M leading rows, BLOCK_C cells] output tile and gather
 s × s patches of its cells from a host-built cell table (first token, rows and columns held,
 image width), accumulating in fp32. Every output is written by exactly one program: no atomics,
 deterministic. The tiles are numbered along grid axis 0 only (limit 2^31 − 1; axis 1 would stop
-at 65535 cell tiles, 4M cells). fp64 inputs fall back to the torch reference.
+at 65535 cell tiles, 4M cells). The public op sends fp64 inputs to the torch reference.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.grid_pyramid import grid_pyramid_reference
 from ._utils import device_guard, launch_options
 
 
@@ -66,16 +65,14 @@ def grid_pyramid_triton(mass: torch.Tensor, grids: torch.Tensor, levels: list[in
     """Triton ``grid_pyramid`` (inputs validated by :func:`kawhi_kernels.ops.grid_pyramid`).
 
     Args:
-        mass: float [..., N] (fp16/bf16/fp32; fp64 → torch reference), N = Σ t·h·w.
+        mass: float [..., N] (fp16/bf16/fp32), N = Σ t·h·w.
         grids: int64 [n_images, 3] CPU tensor of (t, h, w) token grids.
         levels: cell sizes (positive ints).
         block_m, block_c: leading rows / cells per program (powers of two).
 
     Returns:
-        one fp32 [..., cells_l] tensor per level (fp64 for fp64 input).
+        one fp32 [..., cells_l] tensor per level.
     """
-    if mass.dtype == torch.float64:
-        return grid_pyramid_reference(mass, grids, levels)
     grid_list = grids.tolist()
     lead_shape = mass.shape[:-1]
     flat = mass.reshape(-1, mass.shape[-1])
