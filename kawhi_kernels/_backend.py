@@ -61,6 +61,13 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
     return cuda_backend_problem(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def check_head_dim(name: str, d: int, backend: str) -> None:
+    """ValueError naming ``name`` when the head dim exceeds what the fused kernels support."""
+    if d > FUSED_MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {d} exceeds the {backend} backend limit "
+                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
+
+
 def resolve_backend(backend: str, device: torch.device, op_name: str,
                     implemented: tuple[str, ...], *, head_dim: int | None = None) -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend that can run ``op_name`` on
@@ -75,9 +82,8 @@ def resolve_backend(backend: str, device: torch.device, op_name: str,
                 and triton_unavailable_reason(device) is None):
             return "triton"
         return "torch"
-    if backend != "torch" and too_wide:
-        raise ValueError(f"q: head dim {head_dim} exceeds the {backend} backend limit "
-                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
+    if backend != "torch" and head_dim is not None:
+        check_head_dim("q", head_dim, backend)
     if backend not in implemented:
         raise ValueError(f"backend: {op_name} has no {backend!r} implementation "
                          f"(available: {list(implemented)})")

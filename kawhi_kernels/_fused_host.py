@@ -9,15 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import FUSED_MAX_HEAD_DIM
-
-
-def check_head_dim(name: str, d: int, backend: str) -> None:
-    """ValueError naming ``name`` when the head dim exceeds what the fused kernels support."""
-    if d > FUSED_MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {d} exceeds the {backend} backend limit "
-                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
-
 
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` when its last dim has stride 1 (other strides are passed to kernels), else a copy."""

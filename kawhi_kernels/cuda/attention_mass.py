@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks, segment_block_lists
+from .._backend import check_head_dim
+from .._fused_host import last_dim_contiguous, row_blocks, segment_block_lists
 from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
 
 # Default rows per block: small blocks give many warps; with deterministic segment sums every

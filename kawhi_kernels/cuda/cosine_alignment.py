@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._fused_host import check_head_dim, last_dim_contiguous
+from .._backend import check_head_dim
+from .._fused_host import last_dim_contiguous
 from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
 
 

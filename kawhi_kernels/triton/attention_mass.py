@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import check_head_dim
 from .._fused_host import (
-    check_head_dim,
     last_dim_contiguous,
     row_blocks,
     segment_block_lists,

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused_host import check_head_dim, last_dim_contiguous, row_blocks
+from .._backend import check_head_dim
+from .._fused_host import last_dim_contiguous, row_blocks
 from ._utils import (
     device_guard,
     key_tiles,
