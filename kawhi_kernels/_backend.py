@@ -61,29 +61,50 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
     return cuda_backend_problem(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_head_dim(name: str, d: int, backend: str) -> None:
-    """ValueError naming ``name`` when the head dim exceeds what the fused kernels support."""
-    if d > FUSED_MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {d} exceeds the {backend} backend limit "
-                         f"{FUSED_MAX_HEAD_DIM}; use backend='torch'")
+# fp32 inputs of the Triton attention_mass use tf32x3 products (three TF32 MMAs on operand
+# splits): beyond D = 128 no tile avoids register spills on sm_80/sm_90 (see
+# ``python -m kawhi_kernels.triton.builds``), so such inputs stay on the reference.
+TRITON_MASS_FP32_MAX_HEAD_DIM = 128
+
+
+def triton_mass_head_dim_limit(dtype: torch.dtype) -> tuple[int, str]:
+    """(largest head dim, qualifier) the Triton ``attention_mass`` takes for ``dtype`` inputs."""
+    if dtype == torch.float32:
+        return TRITON_MASS_FP32_MAX_HEAD_DIM, "for fp32 inputs (bf16/fp16 go to 256)"
+    return FUSED_MAX_HEAD_DIM, ""
+
+
+def check_head_dim(name: str, d: int, backend: str, limit: int = FUSED_MAX_HEAD_DIM,
+                   what: str = "") -> None:
+    """ValueError naming ``name`` when the head dim exceeds what the fused kernels support
+    (``limit``; ``what`` qualifies it, e.g. "for fp32 inputs")."""
+    if d > limit:
+        qualifier = f" {what}" if what else ""
+        raise ValueError(f"{name}: head dim {d} exceeds the {backend} backend limit {limit}"
+                         f"{qualifier}; use backend='torch'")
 
 
 def resolve_backend(backend: str, device: torch.device, op_name: str,
-                    implemented: tuple[str, ...], *, head_dim: int | None = None) -> str:
+                    implemented: tuple[str, ...], *, head_dim: int | None = None,
+                    triton_head_dim: tuple[int, str] | None = None) -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend that can run ``op_name`` on
     ``device``; raise ``ValueError``/``RuntimeError`` with the reason when a forced one cannot.
-    ``head_dim`` above :data:`FUSED_MAX_HEAD_DIM` keeps ``auto`` on the reference."""
+    ``head_dim`` above :data:`FUSED_MAX_HEAD_DIM` (or above the Triton limit given as
+    ``triton_head_dim`` = (limit, "for ... inputs")) keeps ``auto`` off that backend."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     reasons = {"triton": triton_unavailable_reason, "cuda": cuda_unavailable_reason}
-    too_wide = head_dim is not None and head_dim > FUSED_MAX_HEAD_DIM
+    limits = {"triton": triton_head_dim or (FUSED_MAX_HEAD_DIM, "")}
+    triton_limit = limits["triton"][0]
+    too_wide = head_dim is not None and head_dim > triton_limit
     if backend == "auto":
         if (device.type == "cuda" and "triton" in implemented and not too_wide
                 and triton_unavailable_reason(device) is None):
             return "triton"
         return "torch"
     if backend != "torch" and head_dim is not None:
-        check_head_dim("q", head_dim, backend)
+        limit, what = limits.get(backend, (FUSED_MAX_HEAD_DIM, ""))
+        check_head_dim("q", head_dim, backend, limit, what)
     if backend not in implemented:
         raise ValueError(f"backend: {op_name} has no {backend!r} implementation "
                          f"(available: {list(implemented)})")

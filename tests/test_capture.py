@@ -14,6 +14,7 @@ from kawhi_kernels.integrations import (
     tiny_qwen3_vl,
     tiny_vl_inputs,
 )
+from kawhi_kernels._compat import enable_activation_checkpointing, text_rotary_cos_sin
 from kawhi_kernels.integrations import transformers_capture as tc
 
 IMAGES = [1, 2]
@@ -65,6 +66,7 @@ class LayerInputs:
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+            cos, sin = text_rotary_cos_sin(cos, sin, text_model(self.model).config)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -236,7 +238,7 @@ def test_on_layer_callback_once_per_layer_with_gradient_checkpointing():
     model = tiny_qwen2_5_vl(text_config=dict(num_hidden_layers=3))
     inputs = tiny_vl_inputs(model, IMAGES, TEXT_LENS)
     model.train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     torch.manual_seed(0)
     ref = model(**inputs, use_cache=False).logits
     ref.square().mean().backward()

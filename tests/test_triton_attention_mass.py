@@ -59,6 +59,10 @@ CASES = [
     (4, 4, 64, torch.float32, "patch", 100, None, [3, 1], False, True, True, None),
     (8, 2, 64, torch.float32, "patch", 80, "random", None, True, False, False, 32),
     (7, 1, 80, torch.float32, "coarse", 4, "random", [4, 0], True, False, True, 32),
+    # bf16 (the interpreter cannot multiply bf16 tiles: the launcher upcasts, see _compat)
+    (8, 2, 80, torch.bfloat16, "coarse", 6, "runs", None, True, False, False, 16),
+    (7, 1, 64, torch.bfloat16, "patch", 90, None, [6, 1, 3], True, True, True, 32),
+    (4, 1, 96, torch.bfloat16, "patch", 80, "random", None, True, False, False, None),
 ]
 
 

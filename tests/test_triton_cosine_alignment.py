@@ -35,6 +35,8 @@ CASES = [
     (7, 1, 128, torch.float32, 5, "coarse", [0, 3], False, 32),
     (4, 1, 64, torch.float32, 100, "patch", None, True, 16),
     (8, 2, 64, torch.float16, 70, "patch", [7, 2], False, 32),
+    (4, 1, 96, torch.bfloat16, 6, "coarse", None, True, 16),
+    (8, 2, 64, torch.bfloat16, 70, "patch", [7, 2, 4], False, 32),
 ]
 
 

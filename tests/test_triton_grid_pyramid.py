@@ -25,7 +25,7 @@ GRIDS = [
 
 @pytest.mark.parametrize("grids", GRIDS)
 @pytest.mark.parametrize("lead,dtype", [((), torch.float32), ((3, 5), torch.float32),
-                                        ((2,), torch.float16)])
+                                        ((2,), torch.float16), ((4,), torch.bfloat16)])
 def test_matches_reference(grids, lead, dtype):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from .._backend import resolve_backend
+from .._backend import resolve_backend, triton_mass_head_dim_limit
 from ._dispatch import implementation_for
 
 IMPLEMENTATIONS = {
@@ -121,7 +121,8 @@ def attention_mass(
             # split-KV path -inf); such rows get 0. NaN is not.
             if bool(torch.isnan(lse).any()):
                 raise ValueError("lse: contains NaN values")
-    resolved = resolve_backend(backend, device, "attention_mass", tuple(IMPLEMENTATIONS), head_dim=d)
+    resolved = resolve_backend(backend, device, "attention_mass", tuple(IMPLEMENTATIONS), head_dim=d,
+                               triton_head_dim=triton_mass_head_dim_limit(q.dtype))
     with torch.no_grad():
         return _attention_mass_op(
             q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, key_region, num_regions,

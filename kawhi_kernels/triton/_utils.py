@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
+from .._compat import interpreter_computes_bf16_dot
 
 
 def next_pow2(n: int) -> int:
@@ -24,6 +25,20 @@ def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
     if num_stages is not None:
         options["num_stages"] = num_stages
     return options
+
+
+def interpreter_dot_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a kernel feeds to ``tl.dot``, upcast from bf16 to fp32 when the Triton
+    interpreter cannot multiply bf16 tiles (:func:`.._compat.interpreter_computes_bf16_dot`).
+
+    Exact: every bf16 value is an fp32 value, and compiled bf16 tensor-core products accumulate
+    in fp32 as well, so results match a compiled bf16 kernel up to summation order. Compiled
+    launches and other dtypes get the tensors back unchanged.
+    """
+    if (triton_interpreter_enabled() and any(t.dtype == torch.bfloat16 for t in tensors)
+            and not interpreter_computes_bf16_dot()):
+        return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
+    return tensors
 
 
 def device_guard(device: torch.device):

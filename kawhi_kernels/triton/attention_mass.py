@@ -4,8 +4,8 @@ One program per (query row block, KV head group). A row block holds up to ``BLOC
 one sequence and one segment (host-built table, see :func:`.._fused_host.row_blocks`); the program
 stacks the rows of all selected query heads that read its KV head into one M = BLOCK_ROWS × GP
 tile (row-major over (row, head)), so every K tile is loaded once per group and GQA never
-repeats K (a KV head with more selected query heads than the tile allows, > 128, or > 64 for
-fp32 with D > 128, is split into several groups that each read its K).
+repeats K (a KV head with more selected query heads than the tile's M, > 64, or > 16 for fp32,
+is split into several groups that each read its K).
 
 Pass 1 (skipped when ``lse`` is given): online-softmax row max and sum over the visible keys.
 Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions in fp32:
@@ -29,9 +29,9 @@ without any region key in pass 2 (per-tile region span precomputed with torch). 
 int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64 inputs to the
 torch reference).
 
-Tiles (:func:`_tile_config`): M = 64 stacked rows and 64 keys per tile for fp16/bf16 (4 warps,
-8 on the windowed path or for D > 128, 2 stages); fp32 inputs use 64 × 32 (8 warps) or 32 × 16
-for D > 128, 1 stage. The host prepares the row-block table and the key-tile region spans
+Tiles (:func:`_tile_config`, spill-free in sm_80 and sm_90 builds): M = 64 stacked rows, 64 keys
+per tile (32 for D > 128), 8 warps, 2 stages for fp16/bf16; 16 × 16, 4 warps, 1 stage for fp32
+inputs, which are limited to D ≤ 128 (the tf32x3 operand splits spill beyond). The host prepares the row-block table and the key-tile region spans
 (one device→host copy of cu_seqlens and query_segment).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import check_head_dim
+from .._backend import check_head_dim, triton_mass_head_dim_limit
 from .._fused_host import (
     last_dim_contiguous,
     row_blocks,
@@ -51,6 +51,7 @@ from .._fused_host import (
 from ._utils import (
     device_guard,
     dot_precision,
+    interpreter_dot_operands,
     key_tiles,
     launch_options,
     next_pow2,
@@ -255,15 +256,97 @@ def _head_groups(heads: list[int], group_size: int, max_group: int, device) -> t
 def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int, int]:
     """(stacked rows M, keys per tile, num_warps, num_stages, largest M) for a launch.
 
-    Chosen from register/shared-memory use of sm_90 builds (no spills for fp16/bf16 at D ≤ 128);
-    fp32 inputs use tf32x3 for QKᵀ, whose operand splits need smaller tiles. Not tuned on timings.
-    M grows past the first value only when one KV head has more selected query heads than that
-    (GQA/MQA groups are stacked whole); the last value caps it: larger groups are split (fp32
-    with D > 128 at M = 128 needs 288 KiB of shared memory, over sm_90's 227 KiB).
+    The largest configurations without register spills in sm_80 and sm_90 builds of every mode
+    (``python -m kawhi_kernels.triton.builds``; not tuned on timings): fp16/bf16 use 64 stacked
+    rows, 64 keys per tile (32 for D > 128), 8 warps, 2 stages; fp32 inputs use tf32x3 for QKᵀ,
+    whose operand splits triple the register footprint: 16 × 16 tiles, 4 warps. M never grows:
+    a KV head with more selected query heads than M is split into several groups.
     """
-    if dtype == torch.float32:
-        return (64, 32, 8, 1, 128) if d <= 128 else (32, 16, 4, 1, 64)
-    return 64, 64, (8 if acc_mode == _ACC_WINDOW or d > 128 else 4), 2, 128
+    if dtype == torch.float32:                      # D ≤ 128 (triton_mass_head_dim_limit)
+        return 16, 16, 4, 1, 16
+    return (64, 64, 8, 2, 64) if d <= 128 else (64, 32, 8, 2, 64)
+
+
+def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int) -> tuple[int, int]:
+    """(ACC_MODE, BLOCK_R): registers for R ≤ coarse_max_regions, else windows (deterministic)
+    or atomics."""
+    if num_regions <= coarse_max_regions:
+        return _ACC_COARSE, max(16, next_pow2(num_regions))
+    if deterministic:
+        return _ACC_WINDOW, 64
+    return _ACC_ATOMIC, 16                           # (BLOCK_R unused on this path)
+
+
+def _output_mode(segmented: bool, deterministic: bool) -> int:
+    if not segmented:
+        return _OUT_ROWS
+    return _OUT_PARTIAL if deterministic else _OUT_SEG_ATOMIC
+
+
+def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mode: int, gp: int,
+                 *, has_lse: bool, causal: bool, dot_precision_: str,
+                 block_rows: int | None = None, block_n: int | None = None) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of one ``_attention_mass_kernel`` launch: the only
+    place launch parameters are chosen, used by the launcher and by :func:`kernel_builds`."""
+    stacked_rows, default_n, num_warps, num_stages, _ = _tile_config(dtype, d, acc_mode)
+    block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
+    block_n = block_n if block_n is not None else default_n
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n: expected a power of two ≥ 16, got {block_n}")
+    if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
+        block_rows = next_pow2(-(-16 // gp))
+    block_rows = next_pow2(block_rows)
+    constexprs = dict(HAS_LSE=bool(has_lse), CAUSAL=bool(causal), OUT_MODE=out_mode,
+                      ACC_MODE=acc_mode, BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n,
+                      BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
+                      DOT_PRECISION=dot_precision_)
+    return constexprs, num_warps, num_stages
+
+
+def kernel_builds():
+    """Every compiled configuration the launcher can choose (for the static GPU checks in
+    :mod:`.builds`): each dtype × tile class (D ≤ 128, D ≤ 256 — fp16/bf16 only — at the widest D) × accumulation
+    and output mode × lse on/off × stacking (8 heads per KV group, and the largest group the
+    tile allows), plus the deterministic segment reduction. Causal masking is on (off only
+    drops the mask)."""
+    from .builds import KernelBuild
+
+    precision = dot_precision(torch.device("cuda"))
+    modes = []                                                    # (acc, block_r, out)
+    for deterministic in (False, True):
+        for num_regions in (64, 65):
+            acc, block_r = _accumulation(num_regions, deterministic, 64)
+            for segmented in (False, True):
+                modes.append((acc, block_r, _output_mode(segmented, deterministic)))
+    modes = sorted(set(modes))
+    acc_names = {_ACC_COARSE: "coarse", _ACC_ATOMIC: "atomic", _ACC_WINDOW: "window"}
+    out_names = {_OUT_ROWS: "rows", _OUT_SEG_ATOMIC: "seg-atomic", _OUT_PARTIAL: "partials"}
+    builds = []
+    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for d in (128, 256):
+            if d > triton_mass_head_dim_limit(dtype)[0]:
+                continue
+            for acc, block_r, out in modes:
+                max_stacked = _tile_config(dtype, d, acc)[4]
+                for gp in sorted({8, max_stacked}):
+                    for has_lse in (False, True):
+                        constexprs, warps, stages = _launch_meta(
+                            dtype, d, acc, block_r, out, gp, has_lse=has_lse, causal=True,
+                            dot_precision_=precision)
+                        builds.append(KernelBuild(
+                            name=(f"attention_mass {tname} D={d} {acc_names[acc]}/{out_names[out]}"
+                                  f" GP={gp} {'lse' if has_lse else 'no-lse'}"),
+                            kernel=_attention_mass_kernel,
+                            pointer_types={"q_ptr": "*" + tname, "k_ptr": "*" + tname,
+                                           "lse_ptr": "*fp32", "out_ptr": "*fp32"},
+                            float_args=("scale_log2",), constexprs=constexprs,
+                            num_warps=warps, num_stages=stages, tensor_cores=True))
+    for block in (16, 1024):
+        builds.append(KernelBuild(
+            name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
+            pointer_types={"part_ptr": "*fp32", "out_ptr": "*fp32"}, float_args=(),
+            constexprs={"BLOCK": block}, num_warps=4, num_stages=3, tensor_cores=False))
+    return builds
 
 
 def _sum_partials(partial: torch.Tensor, blocks: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -301,7 +384,7 @@ def attention_mass_triton(
     """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
 
     Args:
-        q: [total_q, Hq, D] fp16/bf16/fp32 D ≤ 256.
+        q: [total_q, Hq, D] fp16/bf16 with D ≤ 256, or fp32 with D ≤ 128.
         k: [total_k, Hk, D] same dtype, Hq % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32/int64 [B+1].
         key_region: int32/int64 [total_k] in [0, R) or −1.
@@ -312,58 +395,49 @@ def attention_mass_triton(
         causal: bottom-right aligned causal mask.
         softmax_scale: default 1/√D.
         deterministic: bit-identical results run to run (no float atomics).
-        block_rows: rows per block (default M // GP, at least 1, M = 64 stacked rows, 32 for fp32
-            with D > 128); GP = heads per KV group, rounded up to a power of two.
-        block_n: keys per tile (default 64; 32 or 16 for fp32; ≥ 16, a power of two).
+        block_rows: rows per block (default M // GP, at least 1, M = 64 stacked rows, 16 for
+            fp32); GP = heads per KV group, rounded up to a power of two.
+        block_n: keys per tile (default 64, 32 for D > 128, 16 for fp32; a power of two ≥ 16).
         coarse_max_regions: R at or below which the register one-hot matmul path is used.
         max_group_heads: most query heads of one KV head stacked in one program (default: the
-            tile configuration's limit, 128 or 64 stacked rows); larger groups are split.
+            tile configuration's M: 64 stacked rows, 16 for fp32); larger groups are split.
 
     Returns:
         fp32 [num_segments or total_q, len(heads), R].
     """
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
+    q, k = interpreter_dot_operands(q, k)
     heads = list(range(hq)) if heads is None else list(heads)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     segmented = query_segment is not None
-    check_head_dim("q", d, "Triton")
+    check_head_dim("q", d, "Triton", *triton_mass_head_dim_limit(q.dtype))
     device = q.device
     num_out = num_segments if segmented else q.shape[0]
     out = torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
     if num_out == 0 or num_regions == 0 or k.shape[0] == 0:
         return out
 
-    if num_regions <= coarse_max_regions:
-        acc_mode, block_r = _ACC_COARSE, max(16, next_pow2(num_regions))
-    elif deterministic:
-        acc_mode, block_r = _ACC_WINDOW, 64
-    else:
-        acc_mode, block_r = _ACC_ATOMIC, 16          # (block_r unused on this path)
-    stacked_rows, default_n, num_warps, num_stages, max_stacked = _tile_config(q.dtype, d, acc_mode)
+    acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions)
+    max_stacked = _tile_config(q.dtype, d, acc_mode)[4]
     max_group = max_group_heads if max_group_heads is not None else max_stacked
     if max_group < 1:
         raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
     kv_tab, head_tab, slot_tab, gp = _head_groups(heads, hq // hk, max_group, device)
-    block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
-    block_n = block_n if block_n is not None else default_n
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n: expected a power of two ≥ 16, got {block_n}")
-    if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
-        block_rows = next_pow2(-(-16 // gp))
-    block_rows = next_pow2(block_rows)
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment).to(device)
+    out_mode = _output_mode(segmented, deterministic)
+    constexprs, num_warps, num_stages = _launch_meta(
+        q.dtype, d, acc_mode, block_r, out_mode, gp, has_lse=lse is not None, causal=causal,
+        dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
+    block_n = constexprs["BLOCK_N"]
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, constexprs["BLOCK_ROWS"], query_segment).to(device)
     if blocks.shape[0] == 0:
         return out
     tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_n)
 
-    if not segmented:
-        out_mode, target = _OUT_ROWS, out
-    elif deterministic:
-        out_mode = _OUT_PARTIAL
+    if out_mode == _OUT_PARTIAL:
         target = torch.zeros(blocks.shape[0], len(heads), num_regions, dtype=torch.float32,
                              device=device)
     else:
-        out_mode, target = _OUT_SEG_ATOMIC, out
+        target = out
 
     q = last_dim_contiguous(q)
     k = last_dim_contiguous(k)
@@ -383,10 +457,7 @@ def attention_mass_triton(
             kv_tab, head_tab, slot_tab,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
             target.stride(0), target.stride(1),
-            num_regions, d, scale * LOG2E,
-            HAS_LSE=lse is not None, CAUSAL=bool(causal), OUT_MODE=out_mode, ACC_MODE=acc_mode,
-            BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
-            BLOCK_R=block_r, DOT_PRECISION=dot_precision(device), **extra,
+            num_regions, d, scale * LOG2E, **constexprs, **extra,
         )
         if out_mode == _OUT_PARTIAL:
             return _sum_partials(target, blocks, num_segments)

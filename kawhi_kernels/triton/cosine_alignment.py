@@ -7,12 +7,14 @@
    tensor-core product stays fp32-accurate); it writes k̄ = Σ / count (0 for an empty
    region) to an fp32 [B, R, Hk, D] buffer. No atomics: deterministic.
 2. ``_alignment_kernel``: one program per (query row block of one sequence × region window)
-   reads each selected head's q rows once, normalises them and takes q̂ @ k̄ᵀ for the head's KV
+   reads each selected head's q rows (norms first, then the products, walking the head dim in
+   slices; the second read hits the cache), normalises them and takes q̂ @ k̄ᵀ for the head's KV
    head (three fp16 products of hi/lo splits), writing per-head values or accumulating the mean
    over heads. No [rows, H, R, D] intermediate exists.
 
-Launches use 8 warps, 64 keys per tile, 64 rows per program and BLOCK_R = 16…64 regions per
-window, fewer for wider heads (:func:`_block_regions`). The (block or sequence) × window index
+Launches use 8 warps, 64 keys per tile (32 for D > 128), 32 rows per program, BLOCK_R = 16…64
+regions per window (fewer for wider heads, :func:`_block_regions`) and the head dim in slices of
+32 or 64: no register spills in sm_80/sm_90 builds. The (block or sequence) × window index
 is flattened into grid axis 0, whose limit is 2^31 − 1 (axes 1 and 2 stop at 65535).
 
 fp16/bf16/fp32 loads, fp32 arithmetic (the public op sends fp64 inputs to the torch reference).
@@ -32,6 +34,13 @@ from ._utils import (
     next_pow2,
     split_fp16,
 )
+
+
+@triton.jit
+def _inverse_norm(sq):
+    """1/√sq for sq > 0 (subnormal sums included), 0 for a zero vector; fp32 throughout (a
+    literal below fp32's normal range would be typed fp64, which Triton 3.6 refuses in sqrt_rn)."""
+    return tl.where(sq > 0, 1.0 / tl.sqrt_rn(tl.where(sq > 0, sq, 1.0)), 0.0)
 
 
 @triton.jit
@@ -63,7 +72,7 @@ def _region_mean_keys_kernel(
             x = tl.load(k_base + offs_k[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             sq = tl.sum(x * x, axis=1)
-            inv = tl.where(sq > 0, 1.0 / tl.sqrt_rn(tl.maximum(sq, 1e-38)), 0.0)
+            inv = _inverse_norm(sq)
             unit = x * inv[:, None]
             region = tl.load(region_ptr + k_start.to(tl.int64) + offs_k, mask=k_ok, other=-1)
             onehot_t = (cols[:, None] == region[None, :]).to(tl.float16)      # [BLOCK_R, BLOCK_K]
@@ -82,8 +91,10 @@ def _alignment_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     num_heads, group_size, num_regions, num_kv_heads, head_dim, inv_num_heads, num_windows,
     PER_HEAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, CHUNK_D: tl.constexpr,
 ):
+    # The head dim is walked in CHUNK_D slices (norms first, then the products), so the live
+    # register tiles are [BLOCK_Q, CHUNK_D] whatever D is.
     blk = tl.program_id(0) // num_windows
     w0 = (tl.program_id(0) % num_windows) * BLOCK_R
     seq = tl.load(blocks_ptr + blk * 4)
@@ -91,25 +102,32 @@ def _alignment_kernel(
     nrows = tl.load(blocks_ptr + blk * 4 + 2)
     rows = (row0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
     row_ok = tl.arange(0, BLOCK_Q) < nrows
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_c = tl.arange(0, CHUNK_D)
     cols = w0 + tl.arange(0, BLOCK_R)
     col_ok = cols < num_regions
     mean = tl.zeros([BLOCK_Q, BLOCK_R], dtype=tl.float32)
     for i in range(num_heads):
         h = tl.load(head_ptr + i)
         kv = h // group_size
-        x = tl.load(q_ptr + rows[:, None] * stride_qt + h.to(tl.int64) * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        sq = tl.sum(x * x, axis=1)
-        inv = tl.where(sq > 0, 1.0 / tl.sqrt_rn(tl.maximum(sq, 1e-38)), 0.0)
-        unit = x * inv[:, None]
+        q_rows = q_ptr + rows[:, None] * stride_qt + h.to(tl.int64) * stride_qh
+        sq = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
+            d_ok = (d0 + offs_c) < head_dim
+            x = tl.load(q_rows + d0 + offs_c[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        inv = _inverse_norm(sq)
         kb_rows = (seq.to(tl.int64) * num_regions + cols) * num_kv_heads + kv
-        kb = tl.load(kbar_ptr + kb_rows[:, None] * head_dim + offs_d[None, :],
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        u_hi, u_lo = split_fp16(unit)
-        kb_hi, kb_lo = split_fp16(tl.trans(kb))
-        cos = tl.dot(u_lo, kb_hi, tl.dot(u_hi, kb_lo, tl.dot(u_hi, kb_hi)))  # [BLOCK_Q, BLOCK_R]
+        cos = tl.zeros([BLOCK_Q, BLOCK_R], dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
+            d_ok = (d0 + offs_c) < head_dim
+            x = tl.load(q_rows + d0 + offs_c[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            kb = tl.load(kbar_ptr + kb_rows[:, None] * head_dim + d0 + offs_c[None, :],
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            u_hi, u_lo = split_fp16(x * inv[:, None])
+            kb_hi, kb_lo = split_fp16(tl.trans(kb))
+            cos = tl.dot(u_lo, kb_hi, tl.dot(u_hi, kb_lo, tl.dot(u_hi, kb_hi, cos)))
         if PER_HEAD:
             tl.store(out_ptr + rows[:, None] * stride_ot + i * stride_oh + cols[None, :], cos,
                      mask=row_ok[:, None] & col_ok[None, :])
@@ -130,6 +148,57 @@ def _block_regions(num_regions: int, d: int) -> int:
     return min(cap, max(16, next_pow2(num_regions)))
 
 
+_NUM_WARPS = 8
+
+
+def _launch_meta(d: int, num_regions: int, block_q: int | None, block_k: int | None,
+                 per_head: bool) -> tuple[dict, dict]:
+    """Constexprs of the region-mean and alignment launches (``_NUM_WARPS`` warps, default
+    stages): the only place they are chosen, used by the launcher and :func:`kernel_builds`.
+
+    Defaults are the largest tiles without register spills in sm_80/sm_90 builds: 32 query rows
+    per program; 64 keys per tile (32 for D > 128); the head dim walked in slices of 32 (64 when
+    the region window is 16 wide).
+    """
+    block_r = _block_regions(num_regions, d)
+    block_d = max(16, next_pow2(d))
+    block_q = block_q if block_q is not None else 32
+    block_k = block_k if block_k is not None else (64 if d <= 128 else 32)
+    chunk_d = min(block_d, 32 if block_r >= 32 else 64)
+    mean = dict(BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r)
+    align = dict(PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r,
+                 CHUNK_D=chunk_d)
+    return mean, align
+
+
+def kernel_builds():
+    """Every compiled configuration the launcher chooses with its default tiles: each dtype ×
+    head-dim class (D ≤ 64, ≤ 128, ≤ 256, at the widest D, where the region window is largest)
+    × per-head output on/off (static GPU checks, :mod:`.builds`)."""
+    from .builds import KernelBuild
+
+    builds = []
+    for tname in ("fp16", "bf16", "fp32"):
+        for d in (64, 128, 256):
+            for per_head in (False, True):
+                mean, align = _launch_meta(d, 1 << 20, None, None, per_head)
+                if not per_head:
+                    builds.append(KernelBuild(
+                        name=f"cosine region means {tname} D={d} R-window={mean['BLOCK_R']}",
+                        kernel=_region_mean_keys_kernel,
+                        pointer_types={"k_ptr": "*" + tname, "kbar_ptr": "*fp32"},
+                        float_args=(), constexprs=mean, num_warps=_NUM_WARPS, num_stages=3,
+                        tensor_cores=True))
+                builds.append(KernelBuild(
+                    name=(f"cosine alignment {tname} D={d} R-window={align['BLOCK_R']}"
+                          f"{' per-head' if per_head else ''}"),
+                    kernel=_alignment_kernel,
+                    pointer_types={"q_ptr": "*" + tname, "kbar_ptr": "*fp32", "out_ptr": "*fp32"},
+                    float_args=("inv_num_heads",), constexprs=align, num_warps=_NUM_WARPS,
+                    num_stages=3, tensor_cores=True))
+    return builds
+
+
 def cosine_alignment_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,8 +209,8 @@ def cosine_alignment_triton(
     *,
     heads: list[int] | None = None,
     per_head: bool = False,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """Triton ``cosine_alignment`` (inputs validated by :func:`kawhi_kernels.ops.cosine_alignment`).
 
@@ -152,7 +221,8 @@ def cosine_alignment_triton(
         key_region: int32/int64 [total_k] in [0, R) or −1 (key not selected).
         num_regions: R.
         heads: selected query heads (default all); per_head: keep the head axis.
-        block_q, block_k: rows per program / keys per tile (powers of two ≥ 16).
+        block_q, block_k: rows per program / keys per tile (powers of two ≥ 16; default 32 /
+            64, 32 keys for D > 128).
 
     Returns:
         fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head``.
@@ -166,18 +236,17 @@ def cosine_alignment_triton(
     if q.shape[0] == 0 or k.shape[0] == 0 or num_regions == 0:
         return out
     num_seqs = cu_seqlens_k.numel() - 1
-    block_r = _block_regions(num_regions, d)
-    num_windows = triton.cdiv(num_regions, block_r)
-    block_d = max(16, next_pow2(d))
-    extra = launch_options(8)
+    mean_meta, align_meta = _launch_meta(d, num_regions, block_q, block_k, per_head)
+    num_windows = triton.cdiv(num_regions, mean_meta["BLOCK_R"])
+    extra = launch_options(_NUM_WARPS)
     q = last_dim_contiguous(q)
     k = last_dim_contiguous(k)
     cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
     region = key_region.to(device=device, dtype=torch.int32).contiguous()
 
-    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_k)
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, mean_meta["BLOCK_K"])
     kbar = torch.empty(num_seqs, num_regions, hk, d, dtype=torch.float32, device=device)
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_q).to(device)
+    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, align_meta["BLOCK_Q"]).to(device)
     if blocks.shape[0] == 0:                # no query row of a sequence with keys
         return out
     head_tab = torch.tensor(heads, dtype=torch.int32, device=device)
@@ -185,11 +254,10 @@ def cosine_alignment_triton(
     with device_guard(device):              # Triton launches on the current device
         _region_mean_keys_kernel[(num_seqs * num_windows, hk)](
             k, region, cu_k, tile_base, tile_rmin, tile_rmax, kbar,
-            k.stride(0), k.stride(1), num_regions, hk, d, num_windows,
-            BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+            k.stride(0), k.stride(1), num_regions, hk, d, num_windows, **mean_meta, **extra)
         _alignment_kernel[(blocks.shape[0] * num_windows,)](
             q, kbar, out, blocks, head_tab,
             q.stride(0), q.stride(1), out.stride(0), stride_oh,
             len(heads), hq // hk, num_regions, hk, d, 1.0 / len(heads), num_windows,
-            PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r, **extra)
+            **align_meta, **extra)
     return out

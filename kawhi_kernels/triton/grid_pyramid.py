@@ -60,8 +60,27 @@ def _cell_table(grids: list[list[int]], cell: int, device):
             torch.cat(cols).to(device, torch.int32), torch.cat(widths).to(device, torch.int32))
 
 
+_NUM_WARPS = 4
+_DEFAULT_TILE = {"BLOCK_M": 16, "BLOCK_C": 64}
+
+
+def kernel_builds():
+    """The launcher's compiled configurations (default tile, each input dtype) for the static
+    GPU checks (:mod:`.builds`)."""
+    from .builds import KernelBuild
+
+    return [KernelBuild(name=f"grid_pyramid {tname} {_DEFAULT_TILE['BLOCK_M']}x{_DEFAULT_TILE['BLOCK_C']}",
+                        kernel=_grid_cells_kernel,
+                        pointer_types={"mass_ptr": "*" + tname, "out_ptr": "*fp32",
+                                       "cell_base_ptr": "*i64"},
+                        float_args=(), constexprs=dict(_DEFAULT_TILE), num_warps=_NUM_WARPS,
+                        num_stages=3, tensor_cores=False)
+            for tname in ("fp16", "bf16", "fp32")]
+
+
 def grid_pyramid_triton(mass: torch.Tensor, grids: torch.Tensor, levels: list[int],
-                        *, block_m: int = 16, block_c: int = 64) -> list[torch.Tensor]:
+                        *, block_m: int = _DEFAULT_TILE["BLOCK_M"],
+                        block_c: int = _DEFAULT_TILE["BLOCK_C"]) -> list[torch.Tensor]:
     """Triton ``grid_pyramid`` (inputs validated by :func:`kawhi_kernels.ops.grid_pyramid`).
 
     Args:
@@ -79,7 +98,7 @@ def grid_pyramid_triton(mass: torch.Tensor, grids: torch.Tensor, levels: list[in
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     num_lead = flat.shape[0]
-    extra = launch_options(4)
+    extra = launch_options(_NUM_WARPS)
     result = []
     for cell in levels:
         base, rows, cols, widths = _cell_table(grid_list, cell, mass.device)

@@ -125,6 +125,30 @@ def _srgb_linear_table() -> torch.Tensor:
     return torch.from_numpy(lin.astype(np.float32))
 
 
+_NUM_WARPS = 8
+
+
+def _launch_meta(patch: int, radius: int) -> dict:
+    """Constexprs of a descriptor launch: Gaussian radius, scratch tile side E (patch plus the
+    halo, a power of two) and the padded patch side."""
+    return dict(RADIUS=radius, E=next_pow2(patch + 2 * (radius + 1)), PP=next_pow2(patch))
+
+
+def kernel_builds():
+    """Compiled configurations for the static GPU checks (:mod:`.builds`): the default σ = 1 at
+    the patch sides of common vision towers (14, 16 px; 28, 32 px after a 2×2 merge)."""
+    from .builds import KernelBuild
+
+    radius = (gaussian_kernel1d(1.0).numel() - 1) // 2
+    return [KernelBuild(name=f"sguf descriptors patch={p} sigma=1", kernel=_patch_descriptor_kernel,
+                        pointer_types={"img_ptr": "*u8", "lut_ptr": "*fp32", "weight_ptr": "*fp32",
+                                       "scratch_ptr": "*fp32", "lam_max_ptr": "*fp32",
+                                       "lam_min_ptr": "*fp32", "light_ptr": "*fp32"},
+                        float_args=(), constexprs=_launch_meta(p, radius), num_warps=_NUM_WARPS,
+                        num_stages=3, tensor_cores=False)
+            for p in (14, 16, 28, 32)]
+
+
 def patch_descriptors_triton(image: torch.Tensor, grid_hw, sigma: float = 1.0):
     """Per-patch SGUF descriptors of one image or a batch, in one fused Triton kernel.
 
@@ -155,15 +179,15 @@ def patch_descriptors_triton(image: torch.Tensor, grid_hw, sigma: float = 1.0):
     if total:
         weights = gaussian_kernel1d(sigma).to(device=device, dtype=torch.float32)
         radius = (weights.numel() - 1) // 2
-        e = next_pow2(patch + 2 * (radius + 1))
+        meta = _launch_meta(patch, radius)
         programs = min(total, MAX_PROGRAMS)
-        scratch = torch.empty(programs * 2 * e * e, dtype=torch.float32, device=device)
-        extra = launch_options(8)
+        scratch = torch.empty(programs * 2 * meta["E"] ** 2, dtype=torch.float32, device=device)
+        extra = launch_options(_NUM_WARPS)
         lut = _srgb_linear_table().to(device)
         with device_guard(device):              # Triton launches on the current device
             _patch_descriptor_kernel[(programs,)](
                 images, lut, weights, scratch, *outs,
                 images.stride(0), images.stride(1), images.stride(2), images.stride(3),
                 images.shape[1], images.shape[2], gw, n, total, patch,
-                RADIUS=radius, E=e, PP=next_pow2(patch), **extra)
+                **meta, **extra)
     return tuple(o if batched else o[0] for o in outs)

@@ -1,0 +1,110 @@
+"""Static GPU checks of every Triton kernel configuration, without a GPU.
+
+``kawhi_kernels.triton.builds`` compiles each configuration the launchers can choose (their own
+``kernel_builds()`` lists) for sm_80 and sm_90 and reads the cubins with Triton's cuobjdump. This
+test runs it in a subprocess without ``TRITON_INTERPRET`` and requires, for every build: it
+compiles; no local memory (register spills); shared memory within the arch's per-block limit;
+tensor-core instructions in the kernels whose products must use them. It also checks that
+every ``@triton.jit`` kernel of the package is covered and that the checker flags bad builds.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kawhi_kernels._compat import cuobjdump_path  # noqa: E402
+from kawhi_kernels.triton import builds as B  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = (80, 90)
+
+
+def _can_compile_for_nvidia() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except (ImportError, RuntimeError, AttributeError) as exc:
+        return f"Triton has no NVIDIA backend here: {exc}"
+    if not ptxas or not os.path.exists(ptxas):
+        return "Triton's NVIDIA backend ships no ptxas"
+    if cuobjdump_path() is None:
+        return "Triton's NVIDIA backend ships no cuobjdump"
+    return None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    reason = _can_compile_for_nvidia()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("builds") / "builds.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "kawhi_kernels.triton.builds", "--arch", *map(str, ARCHS),
+           "--jobs", str(min(4, os.cpu_count() or 1)), "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    if not out.exists():
+        pytest.fail(f"the build check wrote no report:\n{run.stderr[-4000:]}")
+    rows = json.loads(out.read_text())
+    return rows, run
+
+
+def test_every_configuration_compiles_without_spills_within_shared_memory_on_tensor_cores(report):
+    rows, run = report
+    names = {b.name for b in B.all_kernel_builds()}
+    assert {(r["name"], r["arch"]) for r in rows} == {(n, a) for n in names for a in ARCHS}
+    failures = [f"{r['name']} sm_{r['arch']}: {'; '.join(B.problems(r))}" for r in rows
+                if B.problems(r)]
+    assert not failures, "\n".join(failures)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_attention_mass_uses_wgmma_on_sm90_for_half_precision(report):
+    rows, _ = report
+    half = [r for r in rows if r["name"].startswith("attention_mass f") and r["arch"] == 90
+            and " fp32 " not in r["name"]]
+    assert half and all(r["hgmma"] > 0 for r in half)
+
+
+def test_every_jit_kernel_of_the_package_has_builds():
+    import triton
+
+    from kawhi_kernels.triton import attention_mass, cosine_alignment, grid_pyramid, sguf_descriptors
+
+    kernels = {obj for module in (attention_mass, cosine_alignment, grid_pyramid, sguf_descriptors)
+               for _, obj in inspect.getmembers(module)
+               if isinstance(obj, triton.runtime.jit.JITFunction)
+               and obj.fn.__module__ == module.__name__ and obj.fn.__name__.endswith("_kernel")}
+    covered = {b.kernel for b in B.all_kernel_builds()}
+    assert kernels and kernels <= covered, sorted(k.fn.__name__ for k in kernels - covered)
+
+
+def test_launchers_choose_configurations_from_the_same_list():
+    """The launch parameters the attention_mass launcher derives for a case are one of the
+    checked builds (the launcher and kernel_builds share _launch_meta)."""
+    import torch
+
+    from kawhi_kernels.triton import attention_mass as am
+
+    acc, block_r = am._accumulation(3, False, 64)
+    constexprs, warps, stages = am._launch_meta(torch.bfloat16, 128, acc, max(16, block_r),
+                                                am._output_mode(True, False), 8, has_lse=True,
+                                                causal=True, dot_precision_="tf32x3")
+    checked = [(b.constexprs, b.num_warps, b.num_stages) for b in am.kernel_builds()]
+    assert (dict(constexprs, BLOCK_R=64), warps, stages) in checked
+
+
+def test_checker_flags_spills_shared_memory_missing_tensor_cores_and_compile_errors():
+    good = {"name": "x", "arch": 90, "tensor_cores": True, "registers": 128, "stack": 0,
+            "static_shared": 0, "local": 0, "hmma": 0, "hgmma": 4, "ldgsts": 0, "tma": 0,
+            "local_ops": 0, "shared": 1024}
+    assert B.problems(good) == []
+    assert "spills" in B.problems(dict(good, stack=24, local_ops=3))[0]
+    assert "shared memory" in B.problems(dict(good, shared=B.SHARED_LIMIT[90] + 1))[0]
+    assert "tensor-core" in B.problems(dict(good, hgmma=0))[0]
+    assert "does not compile" in B.problems({"name": "x", "arch": 80, "error": "boom"})[0]
