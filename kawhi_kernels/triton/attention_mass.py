@@ -30,7 +30,8 @@ int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64
 torch reference).
 
 Tiles (:func:`_tile_config`, spill-free in sm_80 and sm_90 builds): M = 64 stacked rows, 64 keys
-per tile (32 for D > 128), 8 warps, 2 stages for fp16/bf16; 16 × 16, 4 warps, 1 stage for fp32
+per tile (32 for D > 128), 8 warps, 2 stages for fp16/bf16; 16 × 16, 4 warps (8 on the windowed
+path), 1 stage for fp32
 inputs, which are limited to D ≤ 128 (the tf32x3 operand splits spill beyond). The host prepares the row-block table and the key-tile region spans
 (one device→host copy of cu_seqlens and query_segment).
 """
@@ -259,11 +260,11 @@ def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, i
     The largest configurations without register spills in sm_80 and sm_90 builds of every mode
     (``python -m kawhi_kernels.triton.builds``; not tuned on timings): fp16/bf16 use 64 stacked
     rows, 64 keys per tile (32 for D > 128), 8 warps, 2 stages; fp32 inputs use tf32x3 for QKᵀ,
-    whose operand splits triple the register footprint: 16 × 16 tiles, 4 warps. M never grows:
+    whose operand splits triple the register footprint: 16 × 16 tiles, 4 warps (8 windowed). M never grows:
     a KV head with more selected query heads than M is split into several groups.
     """
     if dtype == torch.float32:                      # D ≤ 128 (triton_mass_head_dim_limit)
-        return 16, 16, 4, 1, 16
+        return 16, 16, (8 if acc_mode == _ACC_WINDOW else 4), 1, 16
     return (64, 64, 8, 2, 64) if d <= 128 else (64, 32, 8, 2, 64)
 
 

@@ -12,9 +12,9 @@
    head (three fp16 products of hi/lo splits), writing per-head values or accumulating the mean
    over heads. No [rows, H, R, D] intermediate exists.
 
-Launches use 8 warps, 64 keys per tile (32 for D > 128), 32 rows per program, BLOCK_R = 16…64
+Launches use 8 warps, 64 keys per tile (16 for D > 128), 32 rows per program, BLOCK_R = 16…64
 regions per window (fewer for wider heads, :func:`_block_regions`) and the head dim in slices of
-32 or 64: no register spills in sm_80/sm_90 builds. The (block or sequence) × window index
+16 or 64: no register spills in sm_80/sm_90 builds. The (block or sequence) × window index
 is flattened into grid axis 0, whose limit is 2^31 − 1 (axes 1 and 2 stop at 65535).
 
 fp16/bf16/fp32 loads, fp32 arithmetic (the public op sends fp64 inputs to the torch reference).
@@ -157,14 +157,14 @@ def _launch_meta(d: int, num_regions: int, block_q: int | None, block_k: int | N
     stages): the only place they are chosen, used by the launcher and :func:`kernel_builds`.
 
     Defaults are the largest tiles without register spills in sm_80/sm_90 builds: 32 query rows
-    per program; 64 keys per tile (32 for D > 128); the head dim walked in slices of 32 (64 when
+    per program; 64 keys per tile (16 for D > 128); the head dim walked in slices of 16 (64 when
     the region window is 16 wide).
     """
     block_r = _block_regions(num_regions, d)
     block_d = max(16, next_pow2(d))
     block_q = block_q if block_q is not None else 32
-    block_k = block_k if block_k is not None else (64 if d <= 128 else 32)
-    chunk_d = min(block_d, 32 if block_r >= 32 else 64)
+    block_k = block_k if block_k is not None else (64 if d <= 128 else 16)
+    chunk_d = min(block_d, 16 if block_r >= 32 else 64)
     mean = dict(BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_R=block_r)
     align = dict(PER_HEAD=bool(per_head), BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_R=block_r,
                  CHUNK_D=chunk_d)
@@ -222,7 +222,7 @@ def cosine_alignment_triton(
         num_regions: R.
         heads: selected query heads (default all); per_head: keep the head axis.
         block_q, block_k: rows per program / keys per tile (powers of two ≥ 16; default 32 /
-            64, 32 keys for D > 128).
+            64, 16 keys for D > 128).
 
     Returns:
         fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head``.
