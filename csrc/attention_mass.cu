@@ -111,7 +111,7 @@ attention_mass_kernel(MassKernelParams p) {
     float lse;
     if (p.lse != nullptr) {
       lse = p.lse[head * p.lse_stride_h + row * p.lse_stride_t];
-      if (!isfinite(lse)) lse = 0.0f;  // as the reference: a non-finite normaliser counts as 0
+      if (!isfinite(lse)) continue;  // as the reference: a non-finite normaliser gives 0
     } else {
       float m = -INFINITY;
       float l = 0.0f;
@@ -131,7 +131,7 @@ attention_mass_kernel(MassKernelParams p) {
       const int rg = region[j];
       if (rg < 0 || rg >= p.num_regions) continue;
       const float s = score(qv, keys + j * p.k_stride_t, p, lane);
-      const float prob = expf(s - lse);
+      const float prob = fminf(expf(s - lse), 1.0f);  // capped at 1 as on every backend
       if (rg != run_region) {
         flush_run(row_out, run_region, run_sum, p.out_mode, lane);
         run_region = rg;

@@ -3,6 +3,7 @@
 Autograd-free ops (torch custom ops, packed varlen layout) plus the KAWHI pipeline:
 
 - ``attention_mass``: softmax mass of query rows on key regions, without an attention map.
+- ``AttentionMassPlan`` / ``CosineAlignmentPlan``: validate a batch layout once, run per layer.
 - ``cosine_alignment``: mean cosine of query rows to region keys (KAWHI's α_t).
 - ``grid_pyramid``: multi-scale sums over image token grids; ``image_key_regions``,
   ``llm_grid_thw``: region ids from Qwen-VL ``image_grid_thw``.
@@ -24,6 +25,7 @@ from .heads import vision_critical_heads
 from .ops.attention_mass import attention_mass, attention_mass_naive
 from .ops.cosine_alignment import cosine_alignment
 from .ops.grid_pyramid import grid_pyramid
+from .ops.plan import AttentionMassPlan, CosineAlignmentPlan
 from .regions.grids import image_key_regions, llm_grid_thw
 from .regions.sguf import KeyRegions, select_key_regions
 
@@ -38,7 +40,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "KAWHI", "KAWHIOutput", "KeyRegions", "QKRecord", "attention_mass", "attention_mass_naive",
+    "KAWHI", "AttentionMassPlan", "CosineAlignmentPlan", "KAWHIOutput", "KeyRegions", "QKRecord", "attention_mass", "attention_mass_naive",
     "capture_qk", "cosine_alignment", "grid_pyramid", "group_advantages", "image_key_regions",
     "llm_grid_thw", "paragraph_ids", "paragraph_ids_batch", "paragraph_weights",
     "reweight_advantages", "select_key_regions", "vision_critical_heads",

@@ -103,8 +103,9 @@ def resolve_backend(backend: str, device: torch.device, op_name: str,
             return "triton"
         return "torch"
     if backend != "torch" and head_dim is not None:
-        limit, what = limits.get(backend, (FUSED_MAX_HEAD_DIM, ""))
-        check_head_dim("q", head_dim, backend, limit, what)
+        check_head_dim("q", head_dim, backend)
+        if backend in limits:
+            check_head_dim("q", head_dim, backend, *limits[backend])
     if backend not in implemented:
         raise ValueError(f"backend: {op_name} has no {backend!r} implementation "
                          f"(available: {list(implemented)})")

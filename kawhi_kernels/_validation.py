@@ -33,7 +33,10 @@ def check_tensor(
     dtypes: Sequence[torch.dtype] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Check that ``value`` is a tensor with the given rank, dtype and device; return it."""
+    """Check that ``value`` is a tensor with the given rank, dtype and device; return it.
+
+    Tensors on the ``meta`` device (shape only, no data) are rejected: the ops read their inputs.
+    (torch.compile's fake tensors report their real device and pass.)"""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
@@ -42,6 +45,8 @@ def check_tensor(
         raise TypeError(f"{name}: expected dtype in ({_dtype_names(dtypes)}), got {value.dtype}")
     if device is not None and value.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {value.device}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor")
     return value
 
 
@@ -61,14 +66,27 @@ def check_cu_seqlens(
         raise ValueError(f"{name}: expected length B+1 with B >= 1 sequences, got length {cu_seqlens.numel()}")
     if _tracing():
         return cu_seqlens
-    host = cu_seqlens.detach().to("cpu", torch.int64)
+    check_cumulative_lengths(name, cu_seqlens.detach().to("cpu", torch.int64), total)
+    return cu_seqlens
+
+
+def check_cumulative_lengths(name: str, host: torch.Tensor, total: int | None = None) -> None:
+    """Values of a cumulative-length vector already on the CPU: starts at 0, non-decreasing,
+    ends at ``total`` (when given)."""
     if int(host[0]) != 0:
         raise ValueError(f"{name}: must start at 0, got {int(host[0])}")
     if bool((host[1:] < host[:-1]).any()):
         raise ValueError(f"{name}: must be non-decreasing (monotone cumulative lengths)")
-    if int(host[-1]) != total:
+    if total is not None and int(host[-1]) != total:
         raise ValueError(f"{name}: last entry must equal the number of rows ({total}), got {int(host[-1])}")
-    return cu_seqlens
+
+
+def check_id_range(name: str, lo: int, hi: int, upper: int, *, allow_negative_one: bool = True) -> None:
+    """An id vector's range [lo, hi] must lie in [0, upper) (or -1 when allowed)."""
+    floor = -1 if allow_negative_one else 0
+    if lo < floor or hi >= upper:
+        allowed = f"[0, {upper})" + (" or -1" if allow_negative_one else "")
+        raise ValueError(f"{name}: values must be in {allowed}, got range [{lo}, {hi}]")
 
 
 def check_ids(name: str, ids, length: int, upper: int, *, device: torch.device | None = None,
@@ -78,11 +96,8 @@ def check_ids(name: str, ids, length: int, upper: int, *, device: torch.device |
     if ids.numel() != length:
         raise ValueError(f"{name}: expected {length} entries, got {ids.numel()}")
     if ids.numel() and not _tracing():
-        lo, hi = int(ids.min()), int(ids.max())
-        floor = -1 if allow_negative_one else 0
-        if lo < floor or hi >= upper:
-            allowed = f"[0, {upper})" + (" or -1" if allow_negative_one else "")
-            raise ValueError(f"{name}: values must be in {allowed}, got range [{lo}, {hi}]")
+        check_id_range(name, int(ids.min()), int(ids.max()), upper,
+                       allow_negative_one=allow_negative_one)
     return ids
 
 
@@ -124,6 +139,13 @@ def check_real(name: str, value, *, low: float | None = None, low_inclusive: boo
         hi = f"{high}]" if high is not None else "inf)"
         raise ValueError(f"{name}: expected a finite value in {lo}, {hi}, got {value!r}")
     return v
+
+
+def check_bool(name: str, value) -> bool:
+    """Check a flag that must be a Python bool (truthy values such as 1 or "yes" are rejected)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

@@ -162,7 +162,8 @@ def test_query_mask_selects_rows_and_keeps_all_keys():
     n_resp = [3, 2]
     for b, (n, length) in enumerate(zip(n_resp, lengths)):
         response[b, length - n:length] = True
-    response[1, -1] = True                      # a pad position: never selected
+    assert not mask[0, -1]                      # right padding: row 0 (fewer tokens) ends in pads
+    response[0, -1] = True                      # a pad position: never selected
     with torch.no_grad():
         with capture_qk(model, [-1]) as full:
             model(**inputs)
@@ -179,6 +180,44 @@ def test_query_mask_selects_rows_and_keeps_all_keys():
     with torch.no_grad(), capture_qk(model, [-1], query_mask=prompt) as first:
         model(**inputs)
     assert first.records[1].q.shape[0] == 2 and not first.records[1].queries_are_suffix()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_query_mask_marking_pads_is_intersected_with_attention_mask(side):
+    """A query_mask that is True at pad positions must select exactly query_mask & attention_mask:
+    same q rows (batch, position, count, per-sequence offsets) and same q values as the capture
+    with the already-intersected mask; pads never become q rows."""
+    model = tiny_qwen2_5_vl()
+    inputs = tiny_vl_inputs(model, IMAGES, TEXT_LENS, padding_side=side)
+    mask = inputs["attention_mask"].bool()
+    assert (~mask).any()                        # the batch has pads to select wrongly
+    response = torch.zeros_like(mask)
+    for b, length in enumerate(mask.sum(1).tolist()):
+        cols = mask[b].nonzero().squeeze(1)
+        response[b, cols[length - 2:]] = True   # last 2 tokens of each row
+    query_masks = {"all_true": torch.ones_like(mask), "response_and_pads": response | ~mask}
+    with torch.no_grad():
+        for name, query_mask in query_masks.items():
+            selected = query_mask & mask
+            with capture_qk(model, [0, -1], query_mask=query_mask) as cap:
+                model(**inputs)
+            with capture_qk(model, [0, -1], query_mask=selected) as ref:
+                model(**inputs)
+            sel_b, sel_p = selected.nonzero(as_tuple=True)
+            counts = selected.sum(1)
+            expected_cu = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+            for layer in (0, 1):
+                rec, rec_ref = cap.records[layer], ref.records[layer]
+                assert rec.q.shape[0] == int(selected.sum()), name
+                assert torch.equal(rec.q_batch, sel_b) and torch.equal(rec.q_pos, sel_p), name
+                assert mask[rec.q_batch, rec.q_pos].all(), name            # no pad is a q row
+                assert torch.equal(rec.cu_seqlens_q, expected_cu), name
+                assert torch.equal(rec.q_batch, rec_ref.q_batch) and torch.equal(rec.q_pos, rec_ref.q_pos)
+                assert torch.equal(rec.cu_seqlens_q, rec_ref.cu_seqlens_q)
+                assert torch.equal(rec.q, rec_ref.q), name
+                # Keys are unaffected by the query mask: every non-pad token.
+                assert torch.equal(rec.k, rec_ref.k) and torch.equal(rec.cu_seqlens_k, rec_ref.cu_seqlens_k)
+                assert rec.queries_are_suffix(), name
 
 
 def _packed_from_padded(model, inputs):

@@ -76,9 +76,10 @@ def test_every_jit_kernel_of_the_package_has_builds():
 
     from kawhi_kernels.triton import attention_mass, cosine_alignment, grid_pyramid, sguf_descriptors
 
+    # JITFunction when compiled, InterpretedFunction under TRITON_INTERPRET: both KernelInterface.
     kernels = {obj for module in (attention_mass, cosine_alignment, grid_pyramid, sguf_descriptors)
                for _, obj in inspect.getmembers(module)
-               if isinstance(obj, triton.runtime.jit.JITFunction)
+               if isinstance(obj, triton.runtime.jit.KernelInterface)
                and obj.fn.__module__ == module.__name__ and obj.fn.__name__.endswith("_kernel")}
     covered = {b.kernel for b in B.all_kernel_builds()}
     assert kernels and kernels <= covered, sorted(k.fn.__name__ for k in kernels - covered)
@@ -90,11 +91,13 @@ def test_launchers_choose_configurations_from_the_same_list():
     import torch
 
     from kawhi_kernels.triton import attention_mass as am
+    from kawhi_kernels.triton._utils import compiled_dot_precision
 
     acc, block_r = am._accumulation(3, False, 64)
     constexprs, warps, stages = am._launch_meta(torch.bfloat16, 128, acc, max(16, block_r),
                                                 am._output_mode(True, False), 8, has_lse=True,
-                                                causal=True, dot_precision_="tf32x3")
+                                                causal=True,
+                                                dot_precision_=compiled_dot_precision())
     checked = [(b.constexprs, b.num_warps, b.num_stages) for b in am.kernel_builds()]
     assert (dict(constexprs, BLOCK_R=64), warps, stages) in checked
 

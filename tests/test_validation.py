@@ -78,15 +78,20 @@ def test_check_finite_rejects_nan_and_inf():
     lse[0, 0] = float("nan")
     with pytest.raises(ValueError, match="lse: contains NaN"):
         call_mass(lse=lse, check_finite=True)
-    lse[0, 0] = float("-inf")  # rows with no visible key: FlashAttention writes ±inf; allowed
+    lse[0, 0] = float("-inf")  # on a row that sees keys: its mass would silently be 0
+    with pytest.raises(ValueError, match="lse: ±inf on a row that sees keys"):
+        call_mass(lse=lse, check_finite=True)
+    # Rows with no visible key (sequence 0 has no keys here): FlashAttention writes ±inf; allowed.
+    no_keys = torch.tensor([0, 0, 7], dtype=torch.int32)
     lse[1, 0] = float("inf")
-    call_mass(lse=lse, check_finite=True)
+    out = call_mass(lse=lse, cu_seqlens_k=no_keys, check_finite=True)
+    assert torch.all(out[:2] == 0)
 
 
 def test_device_mismatch_is_named():
-    q = torch.randn(5, 4, 16, device="meta")
-    with pytest.raises(ValueError, match="k: expected a tensor on meta"):
-        call_mass(q=q)
+    k = torch.randn(7, 2, 16, device="meta")  # the only second device on a CPU-only machine
+    with pytest.raises(ValueError, match="k: expected a tensor on cpu, got one on meta"):
+        call_mass(k=k)
 
 
 def test_forced_backend_that_cannot_run_explains_why(monkeypatch):

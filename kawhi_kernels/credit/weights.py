@@ -26,7 +26,15 @@ import math
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_finite, check_ids, check_real, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_cu_seqlens,
+    check_finite,
+    check_ids,
+    check_real,
+    check_tensor,
+)
 
 RESCALE_MODES = (None, "mean")
 _MAX_ID = 2**31 - 1  # paragraph ids must fit in int32
@@ -34,6 +42,15 @@ _MAX_ID = 2**31 - 1  # paragraph ids must fit in int32
 # DENSE_SLOTS_MIN slots); beyond, slots are the distinct keys found by a sort (torch.unique).
 DENSE_SLOTS_PER_TOKEN = 4
 DENSE_SLOTS_MIN = 1 << 16
+
+
+def _check_same_length(alpha: torch.Tensor, paragraph_ids) -> None:
+    """paragraph_ids must be an int32/int64 [T] tensor on alpha's device with T = len(alpha);
+    checked before cu_seqlens so that a mismatch names the two arguments that disagree."""
+    check_tensor("paragraph_ids", paragraph_ids, ndim=1, dtypes=INDEX_DTYPES, device=alpha.device)
+    if paragraph_ids.shape[0] != alpha.shape[0]:
+        raise ValueError(f"paragraph_ids: expected one id per token of alpha (len(alpha) = "
+                         f"{alpha.shape[0]}), got len(paragraph_ids) = {paragraph_ids.shape[0]}")
 
 
 def paragraph_weights(
@@ -68,6 +85,7 @@ def paragraph_weights(
     check_tensor("alpha", alpha, ndim=1, dtypes=FLOAT_DTYPES)
     device = alpha.device
     total = alpha.shape[0]
+    _check_same_length(alpha, paragraph_ids)
     check_cu_seqlens("cu_seqlens", cu_seqlens, total, device=device)
     check_ids("paragraph_ids", paragraph_ids, total, _MAX_ID, device=device)
     check_finite("alpha", alpha)

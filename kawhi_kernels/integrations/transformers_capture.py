@@ -218,7 +218,12 @@ def _build_layout(batch: int, length: int, device, attention_mask: torch.Tensor 
         return idx // length, idx % length, cu
 
     k_batch, k_pos, cu_k = pick(valid)
-    q_sel = valid if query_mask is None else valid & query_mask.to(device)
+    # Query rows = query_mask AND the non-pad tokens: a query_mask that marks pad positions (e.g.
+    # all True over a padded batch) must not turn pads into q rows. Pads are never keys, so the
+    # q rows are always a subset of the k rows of their sequence.
+    q_sel = valid
+    if query_mask is not None:
+        q_sel = valid & query_mask.to(device=device, dtype=torch.bool)
     q_batch, q_pos, cu_q = pick(q_sel)
     return _Layout(batch, length, q_batch, q_pos, k_batch, k_pos, cu_q, cu_k)
 

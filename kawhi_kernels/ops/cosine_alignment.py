@@ -4,28 +4,27 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .._backend import resolve_backend
-from ._dispatch import implementation_for
-
-IMPLEMENTATIONS = {
-    "torch": "kawhi_kernels.reference.cosine_alignment:cosine_alignment_reference",
-    "triton": "kawhi_kernels.triton.cosine_alignment:cosine_alignment_triton",
-    "cuda": "kawhi_kernels.cuda.cosine_alignment:cosine_alignment_cuda",
-}
+from .._backend import BACKENDS
+from .plan import CosineAlignmentPlan
 
 
 @torch.library.custom_op("kawhi::cosine_alignment", mutates_args=())
 def _cosine_alignment_op(
     q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    key_region: torch.Tensor, num_regions: int, heads: list[int], per_head: bool, backend: str,
+    key_region: torch.Tensor, num_regions: int, heads: list[int], per_head: bool,
+    check_finite: bool, backend: str,
 ) -> torch.Tensor:
-    impl = implementation_for(IMPLEMENTATIONS, backend, q.dtype)
-    return impl(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions, heads=heads,
-                per_head=per_head)
+    # Eager even under torch.compile: value checks and backend choice happen in the plan.
+    plan = CosineAlignmentPlan(cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
+                               num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[2],
+                               dtype=q.dtype, heads=heads, per_head=per_head, backend=backend,
+                               total_q=q.shape[0])
+    return plan.run(q, k, check_finite=check_finite)
 
 
 @_cosine_alignment_op.register_fake
-def _(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions, heads, per_head, backend):
+def _(q, k, cu_seqlens_q, cu_seqlens_k, key_region, num_regions, heads, per_head, check_finite,
+      backend):
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)
     return q.new_empty(shape, dtype=dtype)
@@ -60,20 +59,19 @@ def cosine_alignment(
         fp32 (fp64 for fp64 inputs) [total_q, R], or [total_q, len(heads), R] with ``per_head``;
         0 for a region without keys and for zero vectors. No causal masking (keys are image tokens).
     """
+    # Shapes, dtypes and devices here (traceable); values in the plan, inside the custom op.
     hq, _, d = V.check_qk_pair(q, k)
     device = q.device
-    V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device=device)
-    V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=device)
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), "
-                         f"got {cu_seqlens_k.numel()}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        V.check_tensor(name, cu, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
     V.check_positive_int("num_regions", num_regions, allow_zero=True)
-    V.check_ids("key_region", key_region, k.shape[0], num_regions, device=device)
+    V.check_tensor("key_region", key_region, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
+    if key_region.numel() != k.shape[0]:
+        raise ValueError(f"key_region: expected {k.shape[0]} entries, got {key_region.numel()}")
     head_list = V.check_heads(heads, hq)
-    if check_finite:
-        V.check_finite("q", q)
-        V.check_finite("k", k)
-    resolved = resolve_backend(backend, device, "cosine_alignment", tuple(IMPLEMENTATIONS), head_dim=d)
+    V.check_bool("per_head", per_head)
+    V.check_bool("check_finite", check_finite)
+    V.check_backend(backend, BACKENDS)
     with torch.no_grad():
         return _cosine_alignment_op(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, key_region,
-                                    num_regions, head_list, bool(per_head), resolved)
+                                    num_regions, head_list, per_head, check_finite, backend)

@@ -106,9 +106,13 @@ def attention_mass_reference(
                     row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
                 else:
                     row_lse = lse[qheads, q0 + r0:q0 + r1].to(cdtype).unsqueeze(-1)
-                # Rows with no visible key have lse = -inf; their probabilities are defined as 0.
-                row_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-                probs = torch.exp(scores[..., region_keys] - row_lse)            # [g, n, Kr]
+                # A non-finite normaliser (a row with no visible key: -inf here, ±inf from
+                # FlashAttention) gives 0. p ≤ 1 for a true normaliser; the cap defines an
+                # underestimated lse the same way on every backend.
+                finite = torch.isfinite(row_lse)
+                row_lse = torch.where(finite, row_lse, torch.zeros_like(row_lse))
+                probs = torch.exp(scores[..., region_keys] - row_lse).clamp_(max=1.0)
+                probs = torch.where(finite, probs, torch.zeros_like(probs))      # [g, n, Kr]
                 per_row = torch.zeros(len(qheads), r1 - r0, num_regions, dtype=cdtype, device=q.device)
                 per_row.index_add_(2, region_ids, probs)
                 per_row = per_row.transpose(0, 1)                                 # [n, g, R]

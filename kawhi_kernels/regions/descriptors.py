@@ -83,7 +83,8 @@ def patch_size(image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> int:
         f"square patch size P; resize the image to a multiple of the patch size first")
 
 
-def _check_dtype(dtype) -> torch.dtype:
+def check_dtype(dtype) -> torch.dtype:
+    """Check the descriptor computation dtype: torch.float32 or torch.float64; return it."""
     if dtype not in _DESCRIPTOR_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
     return dtype
@@ -113,7 +114,7 @@ def srgb_to_lightness(image: torch.Tensor, *, dtype: torch.dtype = torch.float32
     image: uint8 [..., H, W, 3] (CPU or CUDA). Returns ``dtype`` [..., H, W] in [0, 100].
     """
     _check_uint8_rgb(image)
-    _check_dtype(dtype)
+    check_dtype(dtype)
     luts = luminance_tables(image.device, dtype)
     y = luts[0][image[..., 0].long()]  # one channel at a time keeps int64 temporaries small
     y = y + luts[1][image[..., 1].long()]
@@ -220,7 +221,7 @@ def patch_descriptors(image, grid_hw, *, sigma: float = 1.0,
     image = check_image(image, allow_batch=True)
     grid = check_grid_hw(grid_hw)
     sigma = check_real("sigma", sigma, low=0.0, low_inclusive=False)
-    _check_dtype(dtype)
+    check_dtype(dtype)
     p = patch_size((image.shape[-3], image.shape[-2]), grid)
 
     smoothed = gaussian_smooth(srgb_to_lightness(image, dtype=dtype), sigma)

@@ -12,13 +12,14 @@ def llm_grid_thw(image_grid_thw, spatial_merge_size: int = 2) -> torch.Tensor:
     """Vision-patch grids → LLM token grids.
 
     Args:
-        image_grid_thw: int [n_images, 3] (t, h, w) in vision patches, as the Qwen processors return.
+        image_grid_thw: int [n_images, 3] (t, h, w) in vision patches, as the Qwen processors return
+            (int32/int64 tensor or list of int rows; float entries are a TypeError).
         spatial_merge_size: patches merged per side into one LLM token (2 for Qwen2/2.5/3-VL).
     Returns:
         int64 [n_images, 3] (t, h / merge, w / merge).
     """
     V.check_positive_int("spatial_merge_size", spatial_merge_size)
-    grids = torch.tensor(normalize_grids(image_grid_thw), dtype=torch.int64).reshape(-1, 3)
+    grids = torch.tensor(normalize_grids(image_grid_thw, "image_grid_thw"), dtype=torch.int64).reshape(-1, 3)
     if bool((grids[:, 1:] % spatial_merge_size != 0).any()):
         raise ValueError(f"image_grid_thw: h and w must be divisible by spatial_merge_size="
                          f"{spatial_merge_size}, got {grids.tolist()}")
@@ -33,7 +34,8 @@ def image_key_regions(image_token_mask: torch.Tensor, grids, cell_size: int = 1)
         image_token_mask: bool [total_k], True at image-token keys (packed over sequences; the
             i-th True key is the i-th token of the concatenated image grids, several images per
             sequence allowed).
-        grids: int [n_images, 3] LLM token grids (t, h, w) in the order the images appear.
+        grids: int [n_images, 3] LLM token grids (t, h, w) in the order the images appear
+            (int32/int64 tensor or list of int rows; float entries are a TypeError).
         cell_size: 1 = one region per image token; s = one region per s×s cell (ragged edges).
     Returns:
         (key_region int32 [total_k] with −1 for non-image keys, num_regions).

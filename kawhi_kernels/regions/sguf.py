@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._backend import resolve_backend
 from .._validation import check_real
+from ..ops.patch_descriptors import IMPLEMENTATIONS as DESCRIPTOR_BACKENDS
 from ..ops.patch_descriptors import patch_descriptors_on_backend
-from .descriptors import check_grid_hw, check_image
+from .descriptors import check_dtype, check_grid_hw, check_image
 from .union_find import merge_components_numpy
 
 __all__ = ["KeyRegions", "select_key_regions", "key_regions_from_descriptors"]
@@ -71,6 +73,18 @@ def _check_params(sigma, delta_s, delta_l, beta, skip_ratio) -> dict:
         "beta": check_real("beta", beta, low=0.0, low_inclusive=True),
         "skip_ratio": check_real("skip_ratio", skip_ratio, low=0.0, low_inclusive=True, high=1.0),
     }
+
+
+def _check_backend(backend, dtype: torch.dtype, devices) -> None:
+    """Validate ``backend`` (and ``dtype`` with it) for images on ``devices`` before any
+    descriptor runs, so that the errors name the public op ``select_key_regions``. The fused
+    backends compute in float32 only."""
+    check_dtype(dtype)
+    for device in dict.fromkeys(devices):  # distinct devices, in order
+        resolved = resolve_backend(backend, device, "select_key_regions", tuple(DESCRIPTOR_BACKENDS))
+        if backend != "auto" and resolved != "torch" and dtype != torch.float32:
+            raise ValueError(f"dtype: select_key_regions with backend={resolved!r} computes the "
+                             f"descriptors in float32 only, got {dtype}; use backend='torch' for float64")
 
 
 def _sample_background(labels: np.ndarray, is_key: np.ndarray, keep_ratio: float,
@@ -179,6 +193,9 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
 
     Returns:
         :class:`KeyRegions` (tensors on the image's device), or a list of them for a list/batch.
+    Raises:
+        TypeError / ValueError naming the offending argument; RuntimeError (naming
+        ``select_key_regions``) when a forced backend cannot run on the images' device.
     """
     params = _check_params(sigma, delta_s, delta_l, beta, skip_ratio)
     _check_generator(generator)
@@ -196,6 +213,7 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
         checked = check_image(image, allow_batch=True)
         if checked.dim() == 3:
             grid = check_grid_hw(grid_hw)
+            _check_backend(backend, dtype, [checked.device])
             lmax, lmin, light = describe(checked, grid)
             return key_regions_from_descriptors(lmax, lmin, light, grid, generator=generator,
                                                 device=checked.device, **rest)
@@ -211,6 +229,7 @@ def select_key_regions(image, grid_hw, *, sigma: float = 1.0, delta_s: float = 0
             raise ValueError(f"grid_hw: expected one (gh, gw) pair or a list of {len(images)} "
                              f"pairs (one per image), got {grid_hw!r}")
         grids = [check_grid_hw(g, f"grid_hw[{i}]") for i, g in enumerate(grid_hw)]
+    _check_backend(backend, dtype, [im.device for im in images])
 
     if batched is not None and len(set(grids)) == 1:  # one batched descriptor pass
         desc = describe(batched, grids[0])

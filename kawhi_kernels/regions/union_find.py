@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._extension import load_extension
-from .._validation import check_real
+from .._validation import check_bool, check_real
 from .descriptors import check_grid_hw
 
 
@@ -120,8 +120,8 @@ def merge_components(lam_max, lam_min, lightness, grid_hw, delta_s: float, delta
         grid_hw: (gh, gw).
         delta_s: structure threshold (> 0); delta_l: lightness threshold (> 0);
         eps: floor of the structure-ratio denominator (> 0).
-        use_extension: use the C++ union-find of ``kawhi_kernels._C`` when it imports (else, or
-            when False, the NumPy fallback; both take identical decisions).
+        use_extension: bool; use the C++ union-find of ``kawhi_kernels._C`` when it imports (else,
+            or when False, the NumPy fallback; both take identical decisions).
 
     Returns:
         int64 [N] labels on the device of ``lam_max`` (CPU for numpy input): components numbered
@@ -132,6 +132,7 @@ def merge_components(lam_max, lam_min, lightness, grid_hw, delta_s: float, delta
     delta_s = check_real("delta_s", delta_s, low=0.0, low_inclusive=False)
     delta_l = check_real("delta_l", delta_l, low=0.0, low_inclusive=False)
     eps = check_real("eps", eps, low=0.0, low_inclusive=False)
+    check_bool("use_extension", use_extension)
     device = lam_max.device if isinstance(lam_max, torch.Tensor) else torch.device("cpu")
     arrays = [_as_float64_vector(name, v, n) for name, v in
               (("lam_max", lam_max), ("lam_min", lam_min), ("lightness", lightness))]

@@ -27,18 +27,22 @@ def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
     return options
 
 
-def interpreter_dot_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors a kernel feeds to ``tl.dot``, upcast from bf16 to fp32 when the Triton
-    interpreter cannot multiply bf16 tiles (:func:`.._compat.interpreter_computes_bf16_dot`).
-
-    Exact: every bf16 value is an fp32 value, and compiled bf16 tensor-core products accumulate
-    in fp32 as well, so results match a compiled bf16 kernel up to summation order. Compiled
-    launches and other dtypes get the tensors back unchanged.
-    """
-    if (triton_interpreter_enabled() and any(t.dtype == torch.bfloat16 for t in tensors)
+def interpreter_dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel's ``tl.dot`` operands of ``dtype`` are given as: fp32 for bf16 when the
+    Triton interpreter cannot multiply bf16 tiles (:func:`.._compat.interpreter_computes_bf16_dot`),
+    else ``dtype``. Exact: every bf16 value is an fp32 value, and compiled bf16 tensor-core
+    products accumulate in fp32 as well, so results match a compiled bf16 kernel up to
+    summation order."""
+    if (dtype == torch.bfloat16 and triton_interpreter_enabled()
             and not interpreter_computes_bf16_dot()):
-        return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
-    return tensors
+        return torch.float32
+    return dtype
+
+
+def interpreter_dot_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a kernel feeds to ``tl.dot``, converted to :func:`interpreter_dot_dtype`
+    (unchanged for compiled launches and for other dtypes)."""
+    return tuple(t.to(interpreter_dot_dtype(t.dtype)) for t in tensors)
 
 
 def device_guard(device: torch.device):
@@ -53,14 +57,18 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def dot_precision(device: torch.device) -> str:
-    """``tl.dot`` input precision for fp32 operands: near-fp32 accuracy everywhere.
+def compiled_dot_precision() -> str:
+    """``tl.dot`` input precision of fp32 operands in compiled GPU kernels: ``tf32x3`` on NVIDIA
+    (three TF32 MMAs, ~fp32 error), ``ieee`` on ROCm."""
+    return "ieee" if torch.version.hip is not None else "tf32x3"
 
-    NVIDIA: ``tf32x3`` (three TF32 MMAs, ~fp32 error); ROCm: ``ieee``; the interpreter computes
-    with numpy in fp32 whatever is asked. fp16/bf16 operands ignore this setting.
-    """
-    if device.type == "cuda" and torch.version.hip is None and not triton_interpreter_enabled():
-        return "tf32x3"
+
+def dot_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision for fp32 operands of a launch on ``device``: near-fp32 accuracy
+    everywhere (:func:`compiled_dot_precision` on GPUs; the interpreter computes with numpy in
+    fp32 whatever is asked, and takes ``ieee``). fp16/bf16 operands ignore this setting."""
+    if device.type == "cuda" and not triton_interpreter_enabled():
+        return compiled_dot_precision()
     return "ieee"
 
 
@@ -75,30 +83,41 @@ def split_fp16(x):
     return hi, lo
 
 
-def key_tiles(cu_seqlens_k: torch.Tensor, key_region: torch.Tensor, block_n: int):
+def key_tiles(cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor, block_n: int):
     """Per-sequence key tiles of ``block_n`` keys and the region span of each tile.
+
+    Args:
+        cu_seqlens_k_host: int [B+1] cumulative key counts on the CPU (tile counts come from it,
+            so nothing is copied back from the device).
+        key_region: int [total_k] region ids on the kernels' device.
+        block_n: keys per tile.
 
     Returns (tile_base int32 [B] — index of each sequence's first tile, tile_rmin int32 [T],
     tile_rmax int32 [T]) on key_region's device; tile_rmax = −1 marks a tile without any region
     key (skipped by the second pass), otherwise [tile_rmin, tile_rmax] bounds its region ids.
     """
     device = key_region.device
-    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int64)
+    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
     lens_k = cu_k[1:] - cu_k[:-1]
     tiles_per_seq = (lens_k + block_n - 1) // block_n
-    tile_base = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    tile_base_host = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
     num_tiles = int(tiles_per_seq.sum())
     total_k = key_region.numel()
-    seq_of_key = torch.repeat_interleave(torch.arange(lens_k.numel(), device=device), lens_k,
-                                         output_size=total_k)
-    pos = torch.arange(total_k, device=device) - cu_k[:-1][seq_of_key]
-    tile_of_key = tile_base[seq_of_key] + pos // block_n
+    # Tile of every key, built on the host from the layout alone and uploaded once.
+    seq_of_key = torch.repeat_interleave(torch.arange(lens_k.numel()), lens_k, output_size=total_k)
+    pos = torch.arange(total_k) - cu_k[:-1][seq_of_key]
+    tile_of_key = (tile_base_host[seq_of_key] + pos // block_n).to(device)
     region = key_region.to(torch.int64)
     has = region >= 0
     big = torch.iinfo(torch.int32).max
-    tile_rmin = torch.full((num_tiles,), big, dtype=torch.int64, device=device)
-    tile_rmax = torch.full((num_tiles,), -1, dtype=torch.int64, device=device)
-    tile_rmin.scatter_reduce_(0, tile_of_key[has], region[has], reduce="amin")
-    tile_rmax.scatter_reduce_(0, tile_of_key[has], region[has], reduce="amax")
+    # Keys without a region scatter into a spare slot (index num_tiles), dropped afterwards:
+    # no boolean-mask indexing, so no data-dependent shape.
+    slot = torch.where(has, tile_of_key, torch.full_like(tile_of_key, num_tiles))
+    tile_rmin = torch.full((num_tiles + 1,), big, dtype=torch.int64, device=device)
+    tile_rmax = torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=device)
+    tile_rmin.scatter_reduce_(0, slot, region, reduce="amin")
+    tile_rmax.scatter_reduce_(0, slot, region, reduce="amax")
+    tile_rmin, tile_rmax = tile_rmin[:num_tiles], tile_rmax[:num_tiles]
     tile_rmin = torch.where(tile_rmax >= 0, tile_rmin, torch.zeros_like(tile_rmin))
-    return tile_base.to(torch.int32), tile_rmin.to(torch.int32), tile_rmax.to(torch.int32)
+    return (tile_base_host.to(device=device, dtype=torch.int32), tile_rmin.to(torch.int32),
+            tile_rmax.to(torch.int32))

@@ -20,8 +20,8 @@ Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions 
   are then summed by a second kernel in a fixed block order. Bit-identical run to run.
 
 The one-hot products run on fp16 tensor cores with p split into fp16 hi + lo parts (the 0/1
-matrix is exact), which keeps them fp32-accurate (~2^-22 relative); p must stay ≤ 65504, true
-for any lse that is not underestimated by more than ln 65504 ≈ 11. QKᵀ uses the input dtype on
+matrix is exact), which keeps them fp32-accurate (~2^-22 relative); p is capped at 1 (exceeded
+only by an underestimated ``lse``, on every backend alike), so the split never overflows. QKᵀ uses the input dtype on
 tensor cores with fp32 accumulation (tf32x3 for fp32 inputs on NVIDIA).
 
 Key tiles beyond the causal limit of the block's last row are skipped in both passes, key tiles
@@ -38,6 +38,7 @@ inputs, which are limited to D ≤ 128 (the tf32x3 operand splits spill beyond).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,8 +51,10 @@ from .._fused_host import (
     segment_block_lists,
 )
 from ._utils import (
+    compiled_dot_precision,
     device_guard,
     dot_precision,
+    interpreter_dot_dtype,
     interpreter_dot_operands,
     key_tiles,
     launch_options,
@@ -123,7 +126,9 @@ def _attention_mass_kernel(
     if HAS_LSE:
         lse = tl.load(lse_ptr + head64 * stride_lh + grow * stride_lt, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
-        lse2 = tl.where(tl.abs(lse2) < float("inf"), lse2, 0.0)      # ±inf (no key: FA writes +inf) / NaN → 0
+        # A non-finite normaliser (FlashAttention writes ±inf for a row without keys) gives 0.
+        lse_ok = tl.abs(lse2) < float("inf")
+        lse2 = tl.where(lse_ok, lse2, 0.0)
     else:
         m_i = tl.full([M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
@@ -137,7 +142,8 @@ def _attention_mass_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m_i = m_new
-        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
+        lse_ok = l_i > 0
+        lse2 = tl.where(lse_ok, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
 
     # ---- pass 2: probabilities into regions ----
     offs_r = tl.arange(0, BLOCK_R)
@@ -163,8 +169,10 @@ def _attention_mass_kernel(
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             region = tl.load(region_base + offs_n, mask=n_ok, other=-1)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
-            take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :]
-            p = tl.where(take, tl.exp2(s - lse2[:, None]), 0.0)
+            take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :] & lse_ok[:, None]
+            # p ≤ 1 for a true normaliser; capping it defines an underestimated lse (and keeps
+            # the fp16 hi/lo split of p finite) the same way on every backend.
+            p = tl.where(take, tl.minimum(tl.exp2(s - lse2[:, None]), 1.0), 0.0)
             if ACC_MODE == 0:
                 onehot = (region[:, None] == offs_r[None, :]).to(tl.float16)
                 p_hi, p_lo = split_fp16(p)
@@ -312,7 +320,7 @@ def kernel_builds():
     drops the mask)."""
     from .builds import KernelBuild
 
-    precision = dot_precision(torch.device("cuda"))
+    precision = compiled_dot_precision()
     modes = []                                                    # (acc, block_r, out)
     for deterministic in (False, True):
         for num_regions in (64, 65):
@@ -350,15 +358,152 @@ def kernel_builds():
     return builds
 
 
-def _sum_partials(partial: torch.Tensor, blocks: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Deterministic Σ of per-block partial rows into segments (fixed block order)."""
-    _, h, r = partial.shape
-    out = torch.zeros(num_segments, h, r, dtype=torch.float32, device=partial.device)
-    seg_start, order = (t.to(partial.device) for t in segment_block_lists(blocks.cpu(), num_segments))
-    row_elems = h * r
-    block = min(1024, next_pow2(row_elems))
-    _sum_partials_kernel[(num_segments, triton.cdiv(row_elems, block))](
-        partial, out, seg_start, order, row_elems, BLOCK=block)
+@dataclass(frozen=True)
+class MassLaunchPlan:
+    """Everything one ``_attention_mass_kernel`` launch needs except q, k and lse: built once per
+    batch layout by :func:`plan_attention_mass_triton`, on the layout's device.
+
+    ``run_attention_mass_triton`` reads only these tensors and Python values: no host sync, no
+    data-dependent shape.
+    """
+
+    device: torch.device
+    heads: tuple
+    num_out: int
+    num_regions: int
+    num_segments: int
+    out_mode: int
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    scale_log2: float
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    region: torch.Tensor
+    blocks: torch.Tensor
+    tile_base: torch.Tensor
+    tile_rmin: torch.Tensor
+    tile_rmax: torch.Tensor
+    kv_tab: torch.Tensor
+    head_tab: torch.Tensor
+    slot_tab: torch.Tensor
+    seg_start: torch.Tensor | None
+    seg_order: torch.Tensor | None
+    has_lse: bool
+    dtype: torch.dtype
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.shape[0]
+
+
+def plan_attention_mass_triton(
+    cu_seqlens_q_host: torch.Tensor,
+    cu_seqlens_k_host: torch.Tensor,
+    key_region: torch.Tensor,
+    num_regions: int,
+    *,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    query_segment_host: torch.Tensor | None = None,
+    num_segments: int = 0,
+    heads: list[int] | None = None,
+    has_lse: bool = False,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    block_rows: int | None = None,
+    block_n: int | None = None,
+    coarse_max_regions: int = 64,
+    max_group_heads: int | None = None,
+) -> MassLaunchPlan:
+    """Launch tables of the Triton ``attention_mass`` for one batch layout (inputs validated).
+
+    Args:
+        cu_seqlens_q_host, cu_seqlens_k_host: int [B+1] cumulative lengths, on the CPU.
+        key_region: int [total_k] region ids on the tensors' device (its region spans per key tile
+            are reduced there, without a sync).
+        num_regions: R. dtype / num_heads / num_kv_heads / head_dim: of the q and k to come
+            (the tile configuration depends on them; an fp16 plan runs fp16 or bf16 inputs).
+        query_segment_host: optional int [total_q] segment ids on the CPU; num_segments: S.
+        Other arguments as :func:`attention_mass_triton`.
+    """
+    device = key_region.device
+    heads = list(range(num_heads)) if heads is None else list(heads)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    segmented = query_segment_host is not None
+    check_head_dim("q", head_dim, "Triton", *triton_mass_head_dim_limit(dtype))
+    dtype = interpreter_dot_dtype(dtype)          # what the kernel's tl.dot operands will be
+    total_q = int(cu_seqlens_q_host[-1])
+    num_out = num_segments if segmented else total_q
+    acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions)
+    max_stacked = _tile_config(dtype, head_dim, acc_mode)[4]
+    max_group = max_group_heads if max_group_heads is not None else max_stacked
+    if max_group < 1:
+        raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
+    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, num_heads // num_kv_heads, max_group, device)
+    out_mode = _output_mode(segmented, deterministic)
+    constexprs, num_warps, num_stages = _launch_meta(
+        dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=has_lse, causal=causal,
+        dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
+    constexprs["BLOCK_D"] = max(16, next_pow2(head_dim))
+    blocks_host = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, constexprs["BLOCK_ROWS"],
+                             query_segment_host)
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, constexprs["BLOCK_N"])
+    seg_start = seg_order = None
+    if out_mode == _OUT_PARTIAL:
+        seg_start, seg_order = (t.to(device) for t in segment_block_lists(blocks_host, num_segments))
+    return MassLaunchPlan(
+        device=device, heads=tuple(heads), num_out=num_out, num_regions=num_regions,
+        num_segments=num_segments, out_mode=out_mode, constexprs=constexprs,
+        num_warps=num_warps, num_stages=num_stages, scale_log2=scale * LOG2E,
+        cu_q=cu_seqlens_q_host.to(device=device, dtype=torch.int32),
+        cu_k=cu_seqlens_k_host.to(device=device, dtype=torch.int32),
+        region=key_region.to(dtype=torch.int32).contiguous(),
+        blocks=blocks_host.to(device), tile_base=tile_base, tile_rmin=tile_rmin,
+        tile_rmax=tile_rmax, kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
+        seg_start=seg_start, seg_order=seg_order, has_lse=has_lse, dtype=dtype)
+
+
+def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Tensor,
+                              lse: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of the planned ``attention_mass`` (two with deterministic segments); no host
+    sync. q/k/lse must match the plan (checked by the caller): fp32 [num_out, len(heads), R]."""
+    q, k = interpreter_dot_operands(q, k)
+    device = plan.device
+    out = torch.zeros(plan.num_out, len(plan.heads), plan.num_regions, dtype=torch.float32,
+                      device=device)
+    if plan.num_out == 0 or plan.num_regions == 0 or k.shape[0] == 0 or plan.num_blocks == 0:
+        return out
+    if plan.out_mode == _OUT_PARTIAL:
+        target = torch.zeros(plan.num_blocks, len(plan.heads), plan.num_regions,
+                             dtype=torch.float32, device=device)
+    else:
+        target = out
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    if lse is None:
+        lse_arg, stride_lh, stride_lt = q, 0, 0
+    else:
+        lse_arg, stride_lh, stride_lt = lse, lse.stride(0), lse.stride(1)
+    constexprs = dict(plan.constexprs, HAS_LSE=lse is not None)
+    extra = launch_options(plan.num_warps, num_stages=plan.num_stages)
+    with device_guard(device):              # Triton launches on the current device
+        _attention_mass_kernel[(plan.num_blocks, plan.kv_tab.numel())](
+            q, k, plan.region, lse_arg, target,
+            plan.cu_q, plan.cu_k, plan.blocks, plan.tile_base, plan.tile_rmin, plan.tile_rmax,
+            plan.kv_tab, plan.head_tab, plan.slot_tab,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
+            target.stride(0), target.stride(1),
+            plan.num_regions, q.shape[2], plan.scale_log2, **constexprs, **extra,
+        )
+        if plan.out_mode == _OUT_PARTIAL:
+            row_elems = len(plan.heads) * plan.num_regions
+            block = min(1024, next_pow2(row_elems))
+            _sum_partials_kernel[(plan.num_segments, triton.cdiv(row_elems, block))](
+                target, out, plan.seg_start, plan.seg_order, row_elems, BLOCK=block)
     return out
 
 
@@ -382,7 +527,8 @@ def attention_mass_triton(
     coarse_max_regions: int = 64,
     max_group_heads: int | None = None,
 ) -> torch.Tensor:
-    """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`).
+    """Triton ``attention_mass`` (inputs validated by :func:`kawhi_kernels.ops.attention_mass`):
+    :func:`plan_attention_mass_triton` then :func:`run_attention_mass_triton`.
 
     Args:
         q: [total_q, Hq, D] fp16/bf16 with D ≤ 256, or fp32 with D ≤ 128.
@@ -392,7 +538,8 @@ def attention_mass_triton(
         num_regions: R.
         query_segment: optional int [total_q] in [0, num_segments) or −1; num_segments: S.
         heads: selected query heads (output order), default all.
-        lse: optional fp32 [Hq, total_q] natural-log normalisers (skips pass 1).
+        lse: optional fp32 [Hq, total_q] natural-log normalisers (skips pass 1); a non-finite
+            entry gives 0 for its row; probabilities are capped at 1.
         causal: bottom-right aligned causal mask.
         softmax_scale: default 1/√D.
         deterministic: bit-identical results run to run (no float atomics).
@@ -406,60 +553,13 @@ def attention_mass_triton(
     Returns:
         fp32 [num_segments or total_q, len(heads), R].
     """
-    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
-    q, k = interpreter_dot_operands(q, k)
-    heads = list(range(hq)) if heads is None else list(heads)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    segmented = query_segment is not None
-    check_head_dim("q", d, "Triton", *triton_mass_head_dim_limit(q.dtype))
-    device = q.device
-    num_out = num_segments if segmented else q.shape[0]
-    out = torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
-    if num_out == 0 or num_regions == 0 or k.shape[0] == 0:
-        return out
-
-    acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions)
-    max_stacked = _tile_config(q.dtype, d, acc_mode)[4]
-    max_group = max_group_heads if max_group_heads is not None else max_stacked
-    if max_group < 1:
-        raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
-    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, hq // hk, max_group, device)
-    out_mode = _output_mode(segmented, deterministic)
-    constexprs, num_warps, num_stages = _launch_meta(
-        q.dtype, d, acc_mode, block_r, out_mode, gp, has_lse=lse is not None, causal=causal,
-        dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
-    block_n = constexprs["BLOCK_N"]
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, constexprs["BLOCK_ROWS"], query_segment).to(device)
-    if blocks.shape[0] == 0:
-        return out
-    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, block_n)
-
-    if out_mode == _OUT_PARTIAL:
-        target = torch.zeros(blocks.shape[0], len(heads), num_regions, dtype=torch.float32,
-                             device=device)
-    else:
-        target = out
-
-    q = last_dim_contiguous(q)
-    k = last_dim_contiguous(k)
-    if lse is None:
-        lse_arg, stride_lh, stride_lt = q, 0, 0
-    else:
-        lse_arg, stride_lh, stride_lt = lse, lse.stride(0), lse.stride(1)
-    cu_q = cu_seqlens_q.to(device=device, dtype=torch.int32)
-    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
-    region = key_region.to(device=device, dtype=torch.int32).contiguous()
-    extra = launch_options(num_warps, num_stages=num_stages)
-    grid = (blocks.shape[0], kv_tab.numel())
-    with device_guard(device):              # Triton launches on the current device
-        _attention_mass_kernel[grid](
-            q, k, region, lse_arg, target,
-            cu_q, cu_k, blocks, tile_base, tile_rmin, tile_rmax,
-            kv_tab, head_tab, slot_tab,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
-            target.stride(0), target.stride(1),
-            num_regions, d, scale * LOG2E, **constexprs, **extra,
-        )
-        if out_mode == _OUT_PARTIAL:
-            return _sum_partials(target, blocks, num_segments)
-    return out
+    plan = plan_attention_mass_triton(
+        cu_seqlens_q.detach().to("cpu", torch.int64), cu_seqlens_k.detach().to("cpu", torch.int64),
+        key_region.to(q.device), num_regions, dtype=q.dtype, num_heads=q.shape[1],
+        num_kv_heads=k.shape[1], head_dim=q.shape[2],
+        query_segment_host=(None if query_segment is None
+                            else query_segment.detach().to("cpu", torch.int64)),
+        num_segments=num_segments, heads=heads, has_lse=lse is not None, causal=causal,
+        softmax_scale=softmax_scale, deterministic=deterministic, block_rows=block_rows,
+        block_n=block_n, coarse_max_regions=coarse_max_regions, max_group_heads=max_group_heads)
+    return run_attention_mass_triton(plan, q, k, lse)

@@ -21,6 +21,8 @@ fp16/bf16/fp32 loads, fp32 arithmetic (the public op sends fp64 inputs to the to
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -199,6 +201,87 @@ def kernel_builds():
     return builds
 
 
+@dataclass(frozen=True)
+class CosineLaunchPlan:
+    """The two launches of the Triton ``cosine_alignment`` for one batch layout, except q and k:
+    built once by :func:`plan_cosine_alignment_triton`; running it does no host sync."""
+
+    device: torch.device
+    heads: tuple
+    group_size: int
+    num_kv_heads: int
+    head_dim: int
+    total_q: int
+    num_seqs: int
+    num_regions: int
+    per_head: bool
+    num_windows: int
+    mean_meta: dict
+    align_meta: dict
+    cu_k: torch.Tensor
+    region: torch.Tensor
+    tile_base: torch.Tensor
+    tile_rmin: torch.Tensor
+    tile_rmax: torch.Tensor
+    blocks: torch.Tensor
+    head_tab: torch.Tensor
+
+
+def plan_cosine_alignment_triton(
+    cu_seqlens_q_host: torch.Tensor, cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor,
+    num_regions: int, *, num_heads: int, num_kv_heads: int, head_dim: int,
+    heads: list[int] | None = None, per_head: bool = False, block_q: int | None = None,
+    block_k: int | None = None,
+) -> CosineLaunchPlan:
+    """Launch tables of the Triton ``cosine_alignment`` (inputs validated): cumulative lengths
+    int [B+1] on the CPU, key_region int [total_k] on the kernels' device."""
+    heads = list(range(num_heads)) if heads is None else list(heads)
+    check_head_dim("q", head_dim, "Triton")
+    device = key_region.device
+    mean_meta, align_meta = _launch_meta(head_dim, num_regions, block_q, block_k, per_head)
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, mean_meta["BLOCK_K"])
+    blocks = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, align_meta["BLOCK_Q"])
+    return CosineLaunchPlan(
+        device=device, heads=tuple(heads), group_size=num_heads // num_kv_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, total_q=int(cu_seqlens_q_host[-1]),
+        num_seqs=cu_seqlens_k_host.numel() - 1, num_regions=num_regions, per_head=bool(per_head),
+        num_windows=triton.cdiv(num_regions, mean_meta["BLOCK_R"]) if num_regions else 0,
+        mean_meta=mean_meta, align_meta=align_meta,
+        cu_k=cu_seqlens_k_host.to(device=device, dtype=torch.int32),
+        region=key_region.to(dtype=torch.int32).contiguous(), tile_base=tile_base,
+        tile_rmin=tile_rmin, tile_rmax=tile_rmax, blocks=blocks.to(device),
+        head_tab=torch.tensor(heads, dtype=torch.int32).to(device))
+
+
+def run_cosine_alignment_triton(plan: CosineLaunchPlan, q: torch.Tensor,
+                                k: torch.Tensor) -> torch.Tensor:
+    """The planned launches (region means, then alignment); no host sync. fp32 [total_q, R], or
+    [total_q, len(heads), R] per head."""
+    device, heads, d = plan.device, plan.heads, plan.head_dim
+    shape = ((plan.total_q, len(heads), plan.num_regions) if plan.per_head
+             else (plan.total_q, plan.num_regions))
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    if plan.total_q == 0 or k.shape[0] == 0 or plan.num_regions == 0 or plan.blocks.shape[0] == 0:
+        return out
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    kbar = torch.empty(plan.num_seqs, plan.num_regions, plan.num_kv_heads, d,
+                       dtype=torch.float32, device=device)
+    stride_oh = out.stride(1) if plan.per_head else 0
+    extra = launch_options(_NUM_WARPS)
+    with device_guard(device):              # Triton launches on the current device
+        _region_mean_keys_kernel[(plan.num_seqs * plan.num_windows, plan.num_kv_heads)](
+            k, plan.region, plan.cu_k, plan.tile_base, plan.tile_rmin, plan.tile_rmax, kbar,
+            k.stride(0), k.stride(1), plan.num_regions, plan.num_kv_heads, d, plan.num_windows,
+            **plan.mean_meta, **extra)
+        _alignment_kernel[(plan.blocks.shape[0] * plan.num_windows,)](
+            q, kbar, out, plan.blocks, plan.head_tab,
+            q.stride(0), q.stride(1), out.stride(0), stride_oh,
+            len(heads), plan.group_size, plan.num_regions, plan.num_kv_heads, d,
+            1.0 / len(heads), plan.num_windows, **plan.align_meta, **extra)
+    return out
+
+
 def cosine_alignment_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,37 +310,8 @@ def cosine_alignment_triton(
     Returns:
         fp32 [total_q, R], or [total_q, len(heads), R] with ``per_head``.
     """
-    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
-    heads = list(range(hq)) if heads is None else list(heads)
-    check_head_dim("q", d, "Triton")
-    device = q.device
-    shape = (q.shape[0], len(heads), num_regions) if per_head else (q.shape[0], num_regions)
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    if q.shape[0] == 0 or k.shape[0] == 0 or num_regions == 0:
-        return out
-    num_seqs = cu_seqlens_k.numel() - 1
-    mean_meta, align_meta = _launch_meta(d, num_regions, block_q, block_k, per_head)
-    num_windows = triton.cdiv(num_regions, mean_meta["BLOCK_R"])
-    extra = launch_options(_NUM_WARPS)
-    q = last_dim_contiguous(q)
-    k = last_dim_contiguous(k)
-    cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
-    region = key_region.to(device=device, dtype=torch.int32).contiguous()
-
-    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k, key_region, mean_meta["BLOCK_K"])
-    kbar = torch.empty(num_seqs, num_regions, hk, d, dtype=torch.float32, device=device)
-    blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, align_meta["BLOCK_Q"]).to(device)
-    if blocks.shape[0] == 0:                # no query row of a sequence with keys
-        return out
-    head_tab = torch.tensor(heads, dtype=torch.int32, device=device)
-    stride_oh = out.stride(1) if per_head else 0
-    with device_guard(device):              # Triton launches on the current device
-        _region_mean_keys_kernel[(num_seqs * num_windows, hk)](
-            k, region, cu_k, tile_base, tile_rmin, tile_rmax, kbar,
-            k.stride(0), k.stride(1), num_regions, hk, d, num_windows, **mean_meta, **extra)
-        _alignment_kernel[(blocks.shape[0] * num_windows,)](
-            q, kbar, out, blocks, head_tab,
-            q.stride(0), q.stride(1), out.stride(0), stride_oh,
-            len(heads), hq // hk, num_regions, hk, d, 1.0 / len(heads), num_windows,
-            **align_meta, **extra)
-    return out
+    plan = plan_cosine_alignment_triton(
+        cu_seqlens_q.detach().to("cpu", torch.int64), cu_seqlens_k.detach().to("cpu", torch.int64),
+        key_region.to(q.device), num_regions, num_heads=q.shape[1], num_kv_heads=k.shape[1],
+        head_dim=q.shape[2], heads=heads, per_head=per_head, block_q=block_q, block_k=block_k)
+    return run_cosine_alignment_triton(plan, q, k)
