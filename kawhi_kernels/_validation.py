@@ -148,6 +148,16 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` as a positive finite float; None means 1/√head_dim."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

@@ -348,11 +348,11 @@ def test_fp64_inputs_fall_back_to_the_reference():
     seg = torch.tensor([0, 0, 1, -1, 1, 2, 2, 2, 0], dtype=torch.int32)
     # The custom op is the one routing point (the public op would refuse CPU tensors for "cuda").
     got = torch.ops.kawhi.attention_mass(q, k, cu_q, cu_k, region, 3, seg, 3, [3, 0], None, True,
-                                         0.25, False, "cuda")
+                                         0.25, False, False, "cuda")
     want = attention_mass_reference(q, k, cu_q, cu_k, region, 3, query_segment=seg,
                                     num_segments=3, heads=[3, 0])
     assert got.dtype == torch.float64 and torch.equal(got, want)
-    got = torch.ops.kawhi.cosine_alignment(q, k, cu_q, cu_k, region, 3, [1, 2], True, "cuda")
+    got = torch.ops.kawhi.cosine_alignment(q, k, cu_q, cu_k, region, 3, [1, 2], True, False, "cuda")
     want = cosine_alignment_reference(q, k, cu_q, cu_k, region, 3, heads=[1, 2], per_head=True)
     assert got.dtype == torch.float64 and torch.equal(got, want)
 

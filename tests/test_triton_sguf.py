@@ -102,6 +102,8 @@ def test_select_key_regions_on_the_triton_backend_matches_torch():
     assert torch.equal(fused.labels.cpu(), plain.labels.cpu()), f"seed {seed}"
     assert torch.equal(fused.is_key.cpu(), plain.is_key.cpu()), f"seed {seed}"
     torch.testing.assert_close(fused.energy.cpu(), plain.energy.cpu(), rtol=1e-4, atol=1e-3)
-    for dtype in (torch.float64, torch.bfloat16, torch.float16):
-        with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="float32 only"):
+        select_key_regions(image, (2, 3), backend="triton", dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):          # no half-precision descriptors at all
+        with pytest.raises(TypeError, match="dtype: expected torch.float32 or torch.float64"):
             select_key_regions(image, (2, 3), backend="triton", dtype=dtype)

@@ -183,6 +183,7 @@ class _Accumulator:
         self.count = torch.zeros(len(layers), dtype=torch.int64)
         self.input_ids: torch.Tensor | None = None
         self.checked = False
+        self.layout = None
         self.num_sequences = 0
         self.num_rows = 0
         self.log_patches = 0.0
@@ -190,16 +191,13 @@ class _Accumulator:
     def start_batch(self, input_ids: torch.Tensor) -> None:
         self.input_ids = input_ids
         self.checked = False
+        self.layout = None
 
-    def __call__(self, layer: int, record) -> None:
-        from ..ops.attention_mass import attention_mass
+    def _batch_layout(self, record):
+        """(valid sequences, rows per sequence, AttentionMassPlan) of this batch, built from the
+        first captured layer and reused by the others (the layout is the same in every layer)."""
+        from ..ops.plan import AttentionMassPlan
 
-        if not self.checked:
-            if not record.queries_are_suffix():
-                raise ValueError(
-                    "query_mask: the selected query rows must be the last non-pad tokens of each sequence "
-                    "(e.g. the response): attention_mass aligns causal masks bottom-right, which matches "
-                    "the model only for such suffix rows. Truncate the batch after the rows of interest.")
         device = record.k.device
         if self.input_ids.device != device:
             self.input_ids = self.input_ids.to(device)
@@ -212,29 +210,43 @@ class _Accumulator:
         key_seq = torch.repeat_interleave(torch.arange(num_seq, device=device), key_counts)
         images = torch.bincount(key_seq[is_image], minlength=num_seq)           # image tokens per sequence
         valid = (images > 0) & (row_counts > 0)
+        self.num_sequences += int(valid.sum())
+        self.num_rows += int(row_counts[valid].sum())
+        self.log_patches += float(torch.log(images[valid].double()).sum())
+        if not bool(valid.any()):
+            return valid, row_counts, None
+        # Region of an image key = its index among the image tokens of its sequence.
+        image_start = torch.cumsum(images, 0) - images
+        running = torch.cumsum(is_image.long(), 0) - 1
+        key_region = torch.where(is_image, running - image_start[key_seq], torch.full_like(running, -1))
+        query_segment = torch.repeat_interleave(torch.arange(num_seq, device=device), row_counts)
+        plan = AttentionMassPlan(
+            record.cu_seqlens_q, record.cu_seqlens_k, key_region.to(torch.int32), int(images.max()),
+            num_heads=record.q.shape[1], num_kv_heads=record.k.shape[1],
+            head_dim=record.q.shape[2], dtype=record.q.dtype,
+            query_segment=query_segment.to(torch.int32), num_segments=num_seq, causal=True,
+            softmax_scale=record.softmax_scale, backend=self.backend)
+        return valid, row_counts, plan
+
+    def __call__(self, layer: int, record) -> None:
         if not self.checked:
+            if not record.queries_are_suffix():
+                raise ValueError(
+                    "query_mask: the selected query rows must be the last non-pad tokens of each sequence "
+                    "(e.g. the response): attention_mass aligns causal masks bottom-right, which matches "
+                    "the model only for such suffix rows. Truncate the batch after the rows of interest.")
             self.checked = True
-            self.num_sequences += int(valid.sum())
-            self.num_rows += int(row_counts[valid].sum())
-            self.log_patches += float(torch.log(images[valid].double()).sum())
+            self.layout = self._batch_layout(record)
+        valid, row_counts, plan = self.layout
         hq = record.q.shape[1]
         if self.mass_sum is None:
             self.mass_sum = torch.zeros(len(self.row_of), hq, dtype=torch.float64)
             self.entropy_sum = torch.zeros(len(self.row_of), hq, dtype=torch.float64)
         elif self.mass_sum.shape[1] != hq:
             raise ValueError(f"model: layer {layer} has {hq} query heads, earlier layers {self.mass_sum.shape[1]}")
-        if not bool(valid.any()):
+        if plan is None:
             return
-        # Region of an image key = its index among the image tokens of its sequence.
-        image_start = torch.cumsum(images, 0) - images
-        running = torch.cumsum(is_image.long(), 0) - 1
-        key_region = torch.where(is_image, running - image_start[key_seq], torch.full_like(running, -1))
-        query_segment = torch.repeat_interleave(torch.arange(num_seq, device=device), row_counts)
-        per_patch = attention_mass(
-            record.q, record.k, record.cu_seqlens_q, record.cu_seqlens_k, key_region.to(torch.int32),
-            int(images.max()), query_segment=query_segment.to(torch.int32), num_segments=num_seq,
-            causal=True, softmax_scale=record.softmax_scale, backend=self.backend,
-        ).double()                                                               # [S, H, R], summed over rows
+        per_patch = plan.run(record.q, record.k).double()                        # [S, H, R], summed over rows
         total = per_patch.sum(dim=-1)                                            # [S, H]
         mass = total / row_counts.clamp(min=1)[:, None]
         p = per_patch / torch.where(total > 0, total, torch.ones_like(total))[..., None]

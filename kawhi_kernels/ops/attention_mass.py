@@ -5,13 +5,13 @@ Public entry point: validation, backend choice, and the ``kawhi::attention_mass`
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _validation as V
 from .._backend import BACKENDS
+from .plan import MASS_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: F401  (the benchmark suite reads it)
 from .plan import AttentionMassPlan
 
 
@@ -115,11 +115,7 @@ def attention_mass(
     V.check_bool("causal", causal)
     V.check_bool("deterministic", deterministic)
     V.check_bool("check_finite", check_finite)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
-    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-          or not math.isfinite(softmax_scale) or softmax_scale <= 0):
-        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
+    softmax_scale = V.check_softmax_scale(softmax_scale, d)
     V.check_backend(backend, BACKENDS)
     with torch.no_grad():
         return _attention_mass_op(

@@ -26,15 +26,25 @@ Example (one plan, every captured layer)::
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _validation as V
-from .._backend import resolve_backend, triton_mass_head_dim_limit
+from .._backend import BACKENDS, resolve_backend, triton_mass_head_dim_limit
 from ._dispatch import load_implementation
 
 __all__ = ["AttentionMassPlan", "CosineAlignmentPlan"]
+
+# Backend → implementation ("module:function"), imported only when a plan runs on it.
+MASS_IMPLEMENTATIONS = {
+    "torch": "kawhi_kernels.reference.attention_mass:attention_mass_reference",
+    "triton": "kawhi_kernels.triton.attention_mass:attention_mass_triton",
+    "cuda": "kawhi_kernels.cuda.attention_mass:attention_mass_cuda",
+}
+COSINE_IMPLEMENTATIONS = {
+    "torch": "kawhi_kernels.reference.cosine_alignment:cosine_alignment_reference",
+    "triton": "kawhi_kernels.triton.cosine_alignment:cosine_alignment_triton",
+    "cuda": "kawhi_kernels.cuda.cosine_alignment:cosine_alignment_cuda",
+}
 
 
 def _host_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, key_region: torch.Tensor,
@@ -101,6 +111,28 @@ def _rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> tor
     return visible
 
 
+def _check_head_layout(num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> None:
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        V.check_positive_int(name, value)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads: ({num_kv_heads}) must divide num_heads ({num_heads})")
+    if dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+
+
+def _check_qk_for(plan, q, k) -> None:
+    """q/k must have the plan's dtype, device and [total, heads, D] shapes (no value access)."""
+    V.check_tensor("q", q, ndim=3, dtypes=(plan.dtype,), device=plan.device)
+    V.check_tensor("k", k, ndim=3, dtypes=(plan.dtype,), device=plan.device)
+    want_q = (plan.total_q, plan.num_heads, plan.head_dim)
+    want_k = (plan.total_k, plan.num_kv_heads, plan.head_dim)
+    if tuple(q.shape) != want_q:
+        raise ValueError(f"q: expected shape {want_q} (the plan's layout), got {tuple(q.shape)}")
+    if tuple(k.shape) != want_k:
+        raise ValueError(f"k: expected shape {want_k} (the plan's layout), got {tuple(k.shape)}")
+
+
 class AttentionMassPlan:
     """Validated ``attention_mass`` for one batch layout, reusable across layers and calls.
 
@@ -126,20 +158,10 @@ class AttentionMassPlan:
                  query_segment=None, num_segments: int | None = None, heads=None,
                  causal: bool = True, softmax_scale: float | None = None,
                  deterministic: bool = False, backend: str = "auto", total_q: int | None = None):
-        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            V.check_positive_int(name, value)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: ({num_kv_heads}) must divide num_heads ({num_heads})")
-        if dtype not in V.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+        _check_head_layout(num_heads, num_kv_heads, head_dim, dtype)
         V.check_bool("causal", causal)
         V.check_bool("deterministic", deterministic)
-        if softmax_scale is None:
-            softmax_scale = 1.0 / math.sqrt(head_dim)
-        elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-              or not math.isfinite(softmax_scale) or softmax_scale <= 0):
-            raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
+        softmax_scale = V.check_softmax_scale(softmax_scale, head_dim)
         cu_q, cu_k, segment = _check_layout(cu_seqlens_q, cu_seqlens_k, key_region, num_regions,
                                             query_segment, num_segments, total_q)
         self.device = key_region.device
@@ -151,11 +173,13 @@ class AttentionMassPlan:
         self.causal, self.deterministic = causal, deterministic
         self.softmax_scale = float(softmax_scale)
         self.total_q, self.total_k = int(cu_q[-1]), int(cu_k[-1])
-        self.backend = resolve_backend(backend, self.device, "attention_mass",
-                                       ("torch", "triton", "cuda"), head_dim=head_dim,
-                                       triton_head_dim=triton_mass_head_dim_limit(dtype))
-        if dtype == torch.float64:                  # the fused kernels compute in fp32
+        V.check_backend(backend, BACKENDS)
+        if dtype == torch.float64:       # the fused kernels compute in fp32: fp64 is for checks
             self.backend = "torch"
+        else:
+            self.backend = resolve_backend(backend, self.device, "attention_mass",
+                                           tuple(MASS_IMPLEMENTATIONS), head_dim=head_dim,
+                                           triton_head_dim=triton_mass_head_dim_limit(dtype))
         self._rows_with_keys = _rows_with_keys(cu_q, cu_k, causal).to(self.device)
         # The reference and the CUDA path take contiguous int tensors on the device.
         self._cu_q = cu_q.to(self.device)
@@ -187,14 +211,7 @@ class AttentionMassPlan:
         return rows, len(self.heads), self.num_regions
 
     def _check_inputs(self, q, k, lse) -> None:
-        V.check_tensor("q", q, ndim=3, dtypes=(self.dtype,), device=self.device)
-        V.check_tensor("k", k, ndim=3, dtypes=(self.dtype,), device=self.device)
-        want_q = (self.total_q, self.num_heads, self.head_dim)
-        want_k = (self.total_k, self.num_kv_heads, self.head_dim)
-        if tuple(q.shape) != want_q:
-            raise ValueError(f"q: expected shape {want_q} (the plan's layout), got {tuple(q.shape)}")
-        if tuple(k.shape) != want_k:
-            raise ValueError(f"k: expected shape {want_k} (the plan's layout), got {tuple(k.shape)}")
+        _check_qk_for(self, q, k)
         if lse is not None:
             V.check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=self.device)
             if tuple(lse.shape) != (self.num_heads, self.total_q):
@@ -234,11 +251,8 @@ class AttentionMassPlan:
                           heads=self.heads, lse=lse, causal=self.causal,
                           softmax_scale=self.softmax_scale)
             if self.backend == "cuda":
-                impl = load_implementation("kawhi_kernels.cuda.attention_mass:attention_mass_cuda")
                 kwargs["deterministic"] = self.deterministic
-            else:
-                impl = load_implementation(
-                    "kawhi_kernels.reference.attention_mass:attention_mass_reference")
+            impl = load_implementation(MASS_IMPLEMENTATIONS[self.backend])
             return impl(q, k, self._cu_q, self._cu_k, self._key_region, self.num_regions, **kwargs)
 
 
@@ -261,13 +275,7 @@ class CosineAlignmentPlan:
                  num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  heads=None, per_head: bool = False, backend: str = "auto",
                  total_q: int | None = None):
-        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            V.check_positive_int(name, value)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: ({num_kv_heads}) must divide num_heads ({num_heads})")
-        if dtype not in V.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+        _check_head_layout(num_heads, num_kv_heads, head_dim, dtype)
         V.check_bool("per_head", per_head)
         cu_q, cu_k, _ = _check_layout(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, None,
                                       None, total_q)
@@ -277,10 +285,12 @@ class CosineAlignmentPlan:
         self.heads = V.check_heads(heads, num_heads)
         self.num_regions, self.per_head = num_regions, per_head
         self.total_q, self.total_k = int(cu_q[-1]), int(cu_k[-1])
-        self.backend = resolve_backend(backend, self.device, "cosine_alignment",
-                                       ("torch", "triton", "cuda"), head_dim=head_dim)
-        if dtype == torch.float64:
+        V.check_backend(backend, BACKENDS)
+        if dtype == torch.float64:       # the fused kernels compute in fp32: fp64 is for checks
             self.backend = "torch"
+        else:
+            self.backend = resolve_backend(backend, self.device, "cosine_alignment",
+                                           tuple(COSINE_IMPLEMENTATIONS), head_dim=head_dim)
         self._cu_q, self._cu_k = cu_q.to(self.device), cu_k.to(self.device)
         self._key_region = key_region
         self._triton = None
@@ -299,14 +309,7 @@ class CosineAlignmentPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, *, check_finite: bool = False) -> torch.Tensor:
         """Mean cosine of this layout for q [total_q, Hq, D] and k [total_k, Hk, D]."""
-        V.check_tensor("q", q, ndim=3, dtypes=(self.dtype,), device=self.device)
-        V.check_tensor("k", k, ndim=3, dtypes=(self.dtype,), device=self.device)
-        want_q = (self.total_q, self.num_heads, self.head_dim)
-        want_k = (self.total_k, self.num_kv_heads, self.head_dim)
-        if tuple(q.shape) != want_q:
-            raise ValueError(f"q: expected shape {want_q} (the plan's layout), got {tuple(q.shape)}")
-        if tuple(k.shape) != want_k:
-            raise ValueError(f"k: expected shape {want_k} (the plan's layout), got {tuple(k.shape)}")
+        _check_qk_for(self, q, k)
         V.check_bool("check_finite", check_finite)
         if check_finite:
             V.check_finite("q", q)
@@ -317,8 +320,6 @@ class CosineAlignmentPlan:
                 from ..triton.cosine_alignment import run_cosine_alignment_triton
 
                 return run_cosine_alignment_triton(self._triton, q, k)
-            path = {"cuda": "kawhi_kernels.cuda.cosine_alignment:cosine_alignment_cuda",
-                    "torch": "kawhi_kernels.reference.cosine_alignment:cosine_alignment_reference"}
-            impl = load_implementation(path[self.backend])
+            impl = load_implementation(COSINE_IMPLEMENTATIONS[self.backend])
             return impl(q, k, self._cu_q, self._cu_k, self._key_region, self.num_regions,
                         heads=self.heads, per_head=self.per_head)

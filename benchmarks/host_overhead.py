@@ -1,0 +1,110 @@
+"""Host-side cost of the Triton attention_mass / cosine_alignment launch path, per call, on CPU.
+
+The kernels are replaced by no-op launchers, so what is timed is exactly the host work around
+them: building the plan (validation, the one device→host transfer, tables) and running it
+(input checks, output allocation, launch arguments). It compares
+
+* ``plan + run`` every call — what the functional ops do (one layer per call), and
+* ``run`` only — one plan per batch, reused by every layer (capture, head profile).
+
+Layout (DESIGN §7 headline): 8 sequences × (4096 keys, 2048 response rows, 1024 image tokens),
+16k rows, 32k keys, Hq 28 / Hk 4, D 128, bf16; per-patch regions (R = 1024) with one segment per
+response, and one region (KAWHI's selected keys) for cosine_alignment.
+
+    python benchmarks/host_overhead.py [--repeat 50]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _kernels_stubbed():
+    from kawhi_kernels.triton import attention_mass as am
+    from kawhi_kernels.triton import cosine_alignment as ca
+
+    saved = (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
+             ca._alignment_kernel)
+    am._attention_mass_kernel = am._sum_partials_kernel = _NoLaunch()
+    ca._region_mean_keys_kernel = ca._alignment_kernel = _NoLaunch()
+    try:
+        yield
+    finally:
+        (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
+         ca._alignment_kernel) = saved
+
+
+def _layout(num_seqs=8, keys=4096, rows=2048, image=1024, hq=28, hk=4, d=128):
+    cu_k = torch.arange(num_seqs + 1, dtype=torch.int32) * keys
+    cu_q = torch.arange(num_seqs + 1, dtype=torch.int32) * rows
+    region = torch.full((num_seqs * keys,), -1, dtype=torch.int32)
+    for s in range(num_seqs):
+        region[s * keys + 16:s * keys + 16 + image] = torch.arange(image, dtype=torch.int32)
+    segment = torch.repeat_interleave(torch.arange(num_seqs, dtype=torch.int32), rows)
+    q = torch.empty(num_seqs * rows, hq, d, dtype=torch.bfloat16)
+    k = torch.empty(num_seqs * keys, hk, d, dtype=torch.bfloat16)
+    return q, k, cu_q, cu_k, region, segment
+
+
+def _time(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e6
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=50)
+    args = parser.parse_args(argv)
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+    from kawhi_kernels.triton.cosine_alignment import (
+        plan_cosine_alignment_triton,
+        run_cosine_alignment_triton,
+    )
+
+    q, k, cu_q, cu_k, region, segment = _layout()
+    num_segments = cu_q.numel() - 1
+    kawhi_region = torch.where(region >= 0, torch.zeros_like(region), region)
+
+    def mass_plan():
+        # What AttentionMassPlan does after its one batched host copy (cu_seqlens, segments).
+        return plan_attention_mass_triton(
+            cu_q.long(), cu_k.long(), region, 1024, dtype=q.dtype, num_heads=28, num_kv_heads=4,
+            head_dim=128, query_segment_host=segment.long(), num_segments=num_segments,
+            heads=[0, 1, 3, 22, 23, 24, 25, 26, 27])
+
+    def cosine_plan():
+        return plan_cosine_alignment_triton(cu_q.long(), cu_k.long(), kawhi_region, 1,
+                                            num_heads=28, num_kv_heads=4, head_dim=128,
+                                            heads=[0, 1, 3, 22, 23, 24, 25, 26, 27])
+
+    with _kernels_stubbed():
+        planned_mass, planned_cosine = mass_plan(), cosine_plan()
+        rows = [
+            ("attention_mass", "plan + run per call", _time(lambda: run_attention_mass_triton(mass_plan(), q, k), args.repeat)),
+            ("attention_mass", "run (plan reused)", _time(lambda: run_attention_mass_triton(planned_mass, q, k), args.repeat)),
+            ("cosine_alignment", "plan + run per call", _time(lambda: run_cosine_alignment_triton(cosine_plan(), q, k), args.repeat)),
+            ("cosine_alignment", "run (plan reused)", _time(lambda: run_cosine_alignment_triton(planned_cosine, q, k), args.repeat)),
+        ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, kernels stubbed out")
+    print("| op | path | host µs per call |")
+    print("|---|---|---|")
+    for op, path, us in rows:
+        print(f"| {op} | {path} | {us:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
