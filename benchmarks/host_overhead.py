@@ -20,6 +20,7 @@ import contextlib
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class _NoLaunch:
@@ -57,6 +58,77 @@ def _layout(num_seqs=8, keys=4096, rows=2048, image=1024, hq=28, hk=4, d=128):
     return q, k, cu_q, cu_k, region, segment
 
 
+class _HostWork(TorchDispatchMode):
+    """Counts, for one call, what would cost on a GPU: host syncs (a value read on the host —
+    item/int/bool, nonzero, boolean-mask indexing, a copy to the host) and device launches
+    (every aten op that is not a view, metadata or allocation; plus the Triton launches,
+    counted by the stub)."""
+
+    NOT_LAUNCHES = {"aten.empty", "aten.empty_strided", "aten.view", "aten._unsafe_view",
+                    "aten.reshape", "aten.as_strided", "aten.detach", "aten.t", "aten.transpose",
+                    "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.slice", "aten.select",
+                    "aten.alias", "aten.lift_fresh", "aten.permute", "aten.split",
+                    "aten.unbind", "aten.sym_size", "aten.sym_stride", "aten.sym_numel",
+                    "aten.new_empty", "aten.empty_like", "aten.set_", "aten.is_nonzero"}
+    SYNCS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        host_copy = name == "aten._to_copy" and str(kwargs.get("device", "")) == "cpu"
+        bool_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if name in self.SYNCS or host_copy or bool_index:
+            self.syncs += 1
+        if name not in self.NOT_LAUNCHES and not host_copy:
+            self.launches += 1
+        return func(*args, **kwargs)
+
+
+def _count(fn) -> tuple[int, int]:
+    """(host syncs, device launches) of one call of ``fn``; tensors are CPU tensors that stand
+    for device tensors, so every ``.cpu()``/``.tolist()`` is counted as a sync too."""
+    counted = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "item", "__int__", "__bool__")}
+
+    def counting(name):
+        def call(self, *args, **kwargs):
+            counted["n"] += 1
+            return originals[name](self, *args, **kwargs)
+        return call
+
+    launches = {"n": 0}
+
+    class CountingLaunch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches["n"] += 1
+            return launch
+
+    from kawhi_kernels.triton import attention_mass as am
+    from kawhi_kernels.triton import cosine_alignment as ca
+    saved = (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
+             ca._alignment_kernel)
+    am._attention_mass_kernel = am._sum_partials_kernel = CountingLaunch()
+    ca._region_mean_keys_kernel = ca._alignment_kernel = CountingLaunch()
+    for name in originals:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        with _HostWork() as mode:
+            fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
+         ca._alignment_kernel) = saved
+    return mode.syncs + counted["n"], mode.launches + launches["n"]
+
+
 def _time(fn, repeat: int) -> float:
     fn()
     start = time.perf_counter()
@@ -69,15 +141,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args(argv)
-    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
-    from kawhi_kernels.triton.cosine_alignment import (
-        plan_cosine_alignment_triton,
-        run_cosine_alignment_triton,
-    )
-
     q, k, cu_q, cu_k, region, segment = _layout()
     num_segments = cu_q.numel() - 1
     kawhi_region = torch.where(region >= 0, torch.zeros_like(region), region)
+    heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
+    # Syncs and launches of run() only: its tensors are all "device" tensors, so the counts are
+    # exact. Plan building works on host copies by design, which a CPU stand-in cannot tell
+    # from device tensors, so it is not counted here (tests/test_plan.py checks its single
+    # device→host transfer).
+    print("| call | host syncs | device launches |")
+    print("|---|---|---|")
+    try:
+        from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+        from kawhi_kernels.triton.cosine_alignment import (
+            plan_cosine_alignment_triton,
+            run_cosine_alignment_triton,
+        )
+    except ImportError:                       # a tree from before the plan/run split
+        return
 
     def mass_plan():
         # What AttentionMassPlan does after its one batched host copy (cu_seqlens, segments).
@@ -93,6 +174,16 @@ def main(argv=None) -> None:
 
     with _kernels_stubbed():
         planned_mass, planned_cosine = mass_plan(), cosine_plan()
+    det_plan = plan_attention_mass_triton(
+        cu_q.long(), cu_k.long(), region, 1024, dtype=q.dtype, num_heads=28, num_kv_heads=4,
+        head_dim=128, query_segment_host=segment.long(), num_segments=num_segments, heads=heads,
+        deterministic=True)
+    for name, plan, run in (("attention_mass", planned_mass, run_attention_mass_triton),
+                            ("attention_mass deterministic", det_plan, run_attention_mass_triton),
+                            ("cosine_alignment", planned_cosine, run_cosine_alignment_triton)):
+        print("| %s, run() of a plan | %d | %d |" % (name, *_count(lambda: run(plan, q, k))))
+    print()
+    with _kernels_stubbed():
         rows = [
             ("attention_mass", "plan + run per call", _time(lambda: run_attention_mass_triton(mass_plan(), q, k), args.repeat)),
             ("attention_mass", "run (plan reused)", _time(lambda: run_attention_mass_triton(planned_mass, q, k), args.repeat)),

@@ -1,4 +1,14 @@
-"""Host-side preparation shared by the fused backends (Triton and CUDA), pure torch.
+"""The planner's tables, shared by the fused backends (Triton and CUDA), pure torch.
+
+One convention: every function takes the batch layout as host (CPU) tensors, which a plan
+copies from the device once, and returns tables on the kernels' device (row blocks and
+segment lists on the CPU, uploaded once by the plan). Nothing here reads device values.
+
+* :func:`row_blocks` — the units of work of the fused kernels;
+* :func:`segment_block_lists` — the fixed summation order of deterministic segment sums;
+* :func:`key_tiles` — per key tile, the span of region ids it holds (tiles without a region
+  key are skipped);
+* :func:`head_groups` — selected query heads grouped by KV head (GQA stacking).
 
 A row block is a run of at most ``block_rows`` consecutive query rows that share one sequence
 and, for segmented output, one segment: the unit of work of the fused ``attention_mass`` and
@@ -8,6 +18,11 @@ deterministic segment reduction.
 from __future__ import annotations
 
 import torch
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ max(n, 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -75,3 +90,71 @@ def segment_block_lists(blocks: torch.Tensor, num_segments: int) -> tuple[torch.
     start = torch.zeros(num_segments + 1, dtype=torch.int64)
     start[1:] = torch.cumsum(torch.bincount(seg, minlength=num_segments), 0)
     return start.to(torch.int32), order.to(torch.int32)
+
+
+def head_groups(heads: list[int], group_size: int, max_group: int, device) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Selected query heads grouped by KV head: (kv int32 [G], head int32 [G, GP], slot int32
+    [G, GP], GP) with −1 padding; GP = next power of two of the largest group.
+
+    A KV head with more than ``max_group`` selected heads is split into near-equal groups of at
+    most ``max_group`` heads (each reads that KV head's K once), so the stacked tile of
+    M = rows × GP never outgrows what the tile configuration was checked for.
+    """
+    by_kv: dict[int, list[tuple[int, int]]] = {}
+    for slot, h in enumerate(heads):
+        by_kv.setdefault(h // group_size, []).append((h, slot))
+    groups: list[tuple[int, list[tuple[int, int]]]] = []
+    for kv in sorted(by_kv):
+        members = by_kv[kv]
+        parts = -(-len(members) // max_group)
+        size = -(-len(members) // parts)
+        groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
+    gp = next_pow2(max(len(m) for _, m in groups))
+    head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    for i, (_, members) in enumerate(groups):
+        for j, (h, slot) in enumerate(members):
+            head_tab[i, j], slot_tab[i, j] = h, slot
+    kv_tab = torch.tensor([kv for kv, _ in groups], dtype=torch.int32)
+    return kv_tab.to(device), head_tab.to(device), slot_tab.to(device), gp
+
+
+def key_tiles(cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor, block_n: int):
+    """Per-sequence key tiles of ``block_n`` keys and the region span of each tile.
+
+    Args:
+        cu_seqlens_k_host: int [B+1] cumulative key counts on the CPU (tile counts come from it,
+            so nothing is copied back from the device).
+        key_region: int [total_k] region ids on the kernels' device.
+        block_n: keys per tile.
+
+    Returns (tile_base int32 [B] — index of each sequence's first tile, tile_rmin int32 [T],
+    tile_rmax int32 [T]) on key_region's device; tile_rmax = −1 marks a tile without any region
+    key (skipped by the second pass), otherwise [tile_rmin, tile_rmax] bounds its region ids.
+    """
+    device = key_region.device
+    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
+    lens_k = cu_k[1:] - cu_k[:-1]
+    tiles_per_seq = (lens_k + block_n - 1) // block_n
+    tile_base_host = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    num_tiles = int(tiles_per_seq.sum())
+    total_k = key_region.numel()
+    # Tile of every key, built on the host from the layout alone and uploaded once.
+    seq_of_key = torch.repeat_interleave(torch.arange(lens_k.numel()), lens_k, output_size=total_k)
+    pos = torch.arange(total_k) - cu_k[:-1][seq_of_key]
+    tile_of_key = (tile_base_host[seq_of_key] + pos // block_n).to(device)
+    region = key_region.to(torch.int64)
+    has = region >= 0
+    big = torch.iinfo(torch.int32).max
+    # Keys without a region scatter into a spare slot (index num_tiles), dropped afterwards:
+    # no boolean-mask indexing, so no data-dependent shape.
+    slot = torch.where(has, tile_of_key, torch.full_like(tile_of_key, num_tiles))
+    tile_rmin = torch.full((num_tiles + 1,), big, dtype=torch.int64, device=device)
+    tile_rmax = torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=device)
+    tile_rmin.scatter_reduce_(0, slot, region, reduce="amin")
+    tile_rmax.scatter_reduce_(0, slot, region, reduce="amax")
+    tile_rmin, tile_rmax = tile_rmin[:num_tiles], tile_rmax[:num_tiles]
+    tile_rmin = torch.where(tile_rmax >= 0, tile_rmin, torch.zeros_like(tile_rmin))
+    return (tile_base_host.to(device=device, dtype=torch.int32), tile_rmin.to(torch.int32),
+            tile_rmax.to(torch.int32))

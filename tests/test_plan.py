@@ -160,7 +160,7 @@ def test_triton_run_is_free_of_data_dependent_ops(segmented, deterministic, num_
     plan.run(q, k, lse)                                       # warm-up (plans the lse variant)
     with _FailOnDataDependentOps() as guard:
         got = plan.run(q, k, lse)
-    assert "aten.zeros" in guard.ops                          # the mode saw the run
+    assert guard.ops                                          # the mode saw the run
     want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, lse=lse, **seg)
     torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
     cosine = CosineAlignmentPlan(cu_q, cu_k, region, num_regions, num_heads=8, num_kv_heads=2,

@@ -35,7 +35,8 @@ from kawhi_kernels.reference.attention_mass import attention_mass_reference
 from kawhi_kernels.reference.cosine_alignment import cosine_alignment_reference
 from kawhi_kernels.reference.grid_pyramid import grid_pyramid_reference
 from kawhi_kernels.triton._utils import device_guard
-from kawhi_kernels.triton.attention_mass import _head_groups, attention_mass_triton
+from kawhi_kernels._fused_host import head_groups
+from kawhi_kernels.triton.attention_mass import attention_mass_triton
 from kawhi_kernels.triton.cosine_alignment import cosine_alignment_triton
 from kawhi_kernels.triton.grid_pyramid import grid_pyramid_triton
 
@@ -50,14 +51,14 @@ def test_device_guard_makes_the_tensors_device_current():
 
 def test_head_groups_split_large_kv_groups_evenly_and_keep_every_slot():
     heads = list(range(71)) + [72, 75]                   # KV head 0: 71 heads, KV head 1: 2
-    kv, head, slot, gp = _head_groups(heads, 71, 64, "cpu")
+    kv, head, slot, gp = head_groups(heads, 71, 64, "cpu")
     assert kv.tolist() == [0, 0, 1] and gp == 64
     sizes = (head >= 0).sum(1).tolist()
     assert sizes == [36, 35, 2]
     got = sorted(zip(head[head >= 0].tolist(), slot[slot >= 0].tolist()))
     assert got == sorted((h, s) for s, h in enumerate(heads))
     assert torch.equal(head >= 0, slot >= 0)
-    _, _, _, gp_whole = _head_groups(heads, 71, 128, "cpu")
+    _, _, _, gp_whole = head_groups(heads, 71, 128, "cpu")
     assert gp_whole == 128                               # under the cap: one group per KV head
 
 

@@ -9,12 +9,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
+from .._fused_host import next_pow2  # noqa: F401  (re-exported for the kernel modules)
 from .._compat import interpreter_computes_bf16_dot
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two ≥ max(n, 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
@@ -81,43 +77,3 @@ def split_fp16(x):
     hi = x.to(tl.float16)
     lo = (x - hi.to(tl.float32)).to(tl.float16)
     return hi, lo
-
-
-def key_tiles(cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor, block_n: int):
-    """Per-sequence key tiles of ``block_n`` keys and the region span of each tile.
-
-    Args:
-        cu_seqlens_k_host: int [B+1] cumulative key counts on the CPU (tile counts come from it,
-            so nothing is copied back from the device).
-        key_region: int [total_k] region ids on the kernels' device.
-        block_n: keys per tile.
-
-    Returns (tile_base int32 [B] — index of each sequence's first tile, tile_rmin int32 [T],
-    tile_rmax int32 [T]) on key_region's device; tile_rmax = −1 marks a tile without any region
-    key (skipped by the second pass), otherwise [tile_rmin, tile_rmax] bounds its region ids.
-    """
-    device = key_region.device
-    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
-    lens_k = cu_k[1:] - cu_k[:-1]
-    tiles_per_seq = (lens_k + block_n - 1) // block_n
-    tile_base_host = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-    num_tiles = int(tiles_per_seq.sum())
-    total_k = key_region.numel()
-    # Tile of every key, built on the host from the layout alone and uploaded once.
-    seq_of_key = torch.repeat_interleave(torch.arange(lens_k.numel()), lens_k, output_size=total_k)
-    pos = torch.arange(total_k) - cu_k[:-1][seq_of_key]
-    tile_of_key = (tile_base_host[seq_of_key] + pos // block_n).to(device)
-    region = key_region.to(torch.int64)
-    has = region >= 0
-    big = torch.iinfo(torch.int32).max
-    # Keys without a region scatter into a spare slot (index num_tiles), dropped afterwards:
-    # no boolean-mask indexing, so no data-dependent shape.
-    slot = torch.where(has, tile_of_key, torch.full_like(tile_of_key, num_tiles))
-    tile_rmin = torch.full((num_tiles + 1,), big, dtype=torch.int64, device=device)
-    tile_rmax = torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=device)
-    tile_rmin.scatter_reduce_(0, slot, region, reduce="amin")
-    tile_rmax.scatter_reduce_(0, slot, region, reduce="amax")
-    tile_rmin, tile_rmax = tile_rmin[:num_tiles], tile_rmax[:num_tiles]
-    tile_rmin = torch.where(tile_rmax >= 0, tile_rmin, torch.zeros_like(tile_rmin))
-    return (tile_base_host.to(device=device, dtype=torch.int32), tile_rmin.to(torch.int32),
-            tile_rmax.to(torch.int32))

@@ -46,6 +46,8 @@ import triton.language as tl
 
 from .._backend import check_head_dim, triton_mass_head_dim_limit
 from .._fused_host import (
+    head_groups,
+    key_tiles,
     last_dim_contiguous,
     row_blocks,
     segment_block_lists,
@@ -56,7 +58,6 @@ from ._utils import (
     dot_precision,
     interpreter_dot_dtype,
     interpreter_dot_operands,
-    key_tiles,
     launch_options,
     next_pow2,
     split_fp16,
@@ -232,34 +233,6 @@ def _sum_partials_kernel(part_ptr, out_ptr, seg_start_ptr, seg_blocks_ptr, row_e
         b = tl.load(seg_blocks_ptr + i).to(tl.int64)
         acc += tl.load(part_ptr + b * row_elems + cols, mask=ok, other=0.0)
     tl.store(out_ptr + s.to(tl.int64) * row_elems + cols, acc, mask=ok)
-
-
-def _head_groups(heads: list[int], group_size: int, max_group: int, device) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Selected query heads grouped by KV head: (kv int32 [G], head int32 [G, GP], slot int32
-    [G, GP], GP) with −1 padding; GP = next power of two of the largest group.
-
-    A KV head with more than ``max_group`` selected heads is split into near-equal groups of at
-    most ``max_group`` heads (each reads that KV head's K once), so the stacked tile of
-    M = rows × GP never outgrows what the tile configuration was checked for.
-    """
-    by_kv: dict[int, list[tuple[int, int]]] = {}
-    for slot, h in enumerate(heads):
-        by_kv.setdefault(h // group_size, []).append((h, slot))
-    groups: list[tuple[int, list[tuple[int, int]]]] = []
-    for kv in sorted(by_kv):
-        members = by_kv[kv]
-        parts = -(-len(members) // max_group)
-        size = -(-len(members) // parts)
-        groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
-    gp = next_pow2(max(len(m) for _, m in groups))
-    head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
-    slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
-    for i, (_, members) in enumerate(groups):
-        for j, (h, slot) in enumerate(members):
-            head_tab[i, j], slot_tab[i, j] = h, slot
-    kv_tab = torch.tensor([kv for kv, _ in groups], dtype=torch.int32)
-    return kv_tab.to(device), head_tab.to(device), slot_tab.to(device), gp
 
 
 def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int, int]:
@@ -443,7 +416,7 @@ def plan_attention_mass_triton(
     max_group = max_group_heads if max_group_heads is not None else max_stacked
     if max_group < 1:
         raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
-    kv_tab, head_tab, slot_tab, gp = _head_groups(heads, num_heads // num_kv_heads, max_group, device)
+    kv_tab, head_tab, slot_tab, gp = head_groups(heads, num_heads // num_kv_heads, max_group, device)
     out_mode = _output_mode(segmented, deterministic)
     constexprs, num_warps, num_stages = _launch_meta(
         dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=has_lse, causal=causal,
@@ -473,14 +446,18 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
     sync. q/k/lse must match the plan (checked by the caller): fp32 [num_out, len(heads), R]."""
     q, k = interpreter_dot_operands(q, k)
     device = plan.device
-    out = torch.zeros(plan.num_out, len(plan.heads), plan.num_regions, dtype=torch.float32,
-                      device=device)
+    shape = (plan.num_out, len(plan.heads), plan.num_regions)
     if plan.num_out == 0 or plan.num_regions == 0 or k.shape[0] == 0 or plan.num_blocks == 0:
-        return out
+        return torch.zeros(shape, dtype=torch.float32, device=device)
     if plan.out_mode == _OUT_PARTIAL:
-        target = torch.zeros(plan.num_blocks, len(plan.heads), plan.num_regions,
-                             dtype=torch.float32, device=device)
+        # The reduction writes every segment row; the coarse path stores every partial row,
+        # the windowed path accumulates into its partials (zero-filled).
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+        make = torch.zeros if plan.constexprs["ACC_MODE"] == _ACC_WINDOW else torch.empty
+        target = make(plan.num_blocks, len(plan.heads), plan.num_regions, dtype=torch.float32,
+                      device=device)
     else:
+        out = torch.zeros(shape, dtype=torch.float32, device=device)   # rows/segments may stay 0
         target = out
     q = last_dim_contiguous(q)
     k = last_dim_contiguous(k)

@@ -28,10 +28,9 @@ import triton
 import triton.language as tl
 
 from .._backend import check_head_dim
-from .._fused_host import last_dim_contiguous, row_blocks
+from .._fused_host import key_tiles, last_dim_contiguous, row_blocks
 from ._utils import (
     device_guard,
-    key_tiles,
     launch_options,
     next_pow2,
     split_fp16,
