@@ -310,3 +310,15 @@ def test_windowed_deterministic_path_with_single_region_tiles(segmented):
 
     got = attention_mass_triton(q, k, cu_q, cu_k, region, 100, deterministic=True, block_n=16, **seg)
     torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_grid_pyramid_compiles_fullgraph_on_every_backend():
+    from kawhi_kernels import grid_pyramid
+
+    grids = [[1, 3, 5], [1, 2, 2]]          # a list: grids are layout, read while tracing
+    mass = torch.rand(4, 19).to(DEVICE)
+    for backend in ("auto", "torch", "triton"):
+        compiled = torch.compile(lambda m, b=backend: grid_pyramid(m, grids, levels=2, backend=b),
+                                 fullgraph=True, backend="aot_eager")
+        for a, b in zip(compiled(mass), grid_pyramid(mass, grids, levels=2, backend="torch")):
+            torch.testing.assert_close(a, b)

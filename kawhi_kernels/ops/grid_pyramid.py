@@ -6,7 +6,7 @@ import numbers
 import torch
 
 from .. import _validation as V
-from .._backend import resolve_backend
+from .._backend import BACKENDS, resolve_backend
 from ._dispatch import implementation_for
 
 IMPLEMENTATIONS = {
@@ -25,7 +25,9 @@ def num_cells(flat_grids: list[int], cell_size: int) -> int:
 @torch.library.custom_op("kawhi::grid_pyramid", mutates_args=())
 def _grid_pyramid_op(mass: torch.Tensor, flat_grids: list[int], levels: list[int],
                      backend: str) -> list[torch.Tensor]:
-    impl = implementation_for(IMPLEMENTATIONS, backend, mass.dtype)
+    # Backend resolution runs here, eagerly even under torch.compile (it may import Triton).
+    resolved = resolve_backend(backend, mass.device, "grid_pyramid", tuple(IMPLEMENTATIONS))
+    impl = implementation_for(IMPLEMENTATIONS, resolved, mass.dtype)
     grid_tensor = torch.tensor(flat_grids, dtype=torch.int64).reshape(-1, 3)
     return impl(mass, grid_tensor, levels)
 
@@ -98,7 +100,7 @@ def normalize_grids(grids, name: str = "grids") -> list[list[int]]:
 def _clamp_cells(level_list: list[int], grid_list: list[list[int]]) -> list[int]:
     """Cell sizes capped at the largest grid side: a cell that covers every frame already gives
     one cell per frame, so the result is unchanged and the kernels loop over no empty rows."""
-    side = max((max(h, w) for _, h, w in grid_list), default=1)
+    side = max([1] + [max(h, w) for _, h, w in grid_list])      # (a list: traceable by dynamo)
     return [min(s, side) for s in level_list]
 
 
@@ -130,7 +132,7 @@ def grid_pyramid(mass: torch.Tensor, grids, levels=3, *, backend: str = "auto") 
         raise ValueError(f"mass: last dim must equal the number of image tokens Σ t·h·w = {expected}, "
                          f"got {mass.shape[-1]}")
     level_list = normalize_levels(levels)
-    resolved = resolve_backend(backend, mass.device, "grid_pyramid", tuple(IMPLEMENTATIONS))
+    V.check_backend(backend, BACKENDS)
     with torch.no_grad():
         flat = [v for g in grid_list for v in g]
-        return _grid_pyramid_op(mass.detach(), flat, _clamp_cells(level_list, grid_list), resolved)
+        return _grid_pyramid_op(mass.detach(), flat, _clamp_cells(level_list, grid_list), backend)
