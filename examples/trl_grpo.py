@@ -130,4 +130,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit('examples/trl_grpo.py needs TRL: pip install -e ".[trl]"') from None
     main()

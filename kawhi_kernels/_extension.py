@@ -128,8 +128,12 @@ def _cuda_backend_problem(device_index: int) -> str | None:
     try:
         count = int(ext.cuda_device_count())
     except RuntimeError as exc:
+        driver = ext.cuda_driver_version()
+        if not driver:                       # cudaDriverGetVersion reports 0: no driver loaded
+            return "no NVIDIA GPU driver on this machine (the CUDA kernels need a GPU)"
         return (f"the CUDA runtime linked into kawhi_kernels._C (CUDA {info['cuda']}) cannot "
-                f"query devices: {exc} (driver version {ext.cuda_driver_version()})")
+                f"query devices: {exc} (driver version {driver}: update the driver or install "
+                "a build for an older CUDA)")
     if device_index < 0 or device_index >= count:
         return (f"kawhi_kernels._C sees {count} CUDA device(s); device index {device_index} "
                 "is not one of them")

@@ -53,7 +53,13 @@ def info(_: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(device=args.device, out_dir=args.out, seed=args.seed)
+    try:
+        run_demo(device=args.device, out_dir=args.out, seed=args.seed)
+    except RuntimeError as exc:
+        if not str(exc).startswith("--device"):
+            raise
+        print(f"kawhi-kernels demo: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -122,6 +122,9 @@ def run_demo(device: str = "cpu", out_dir: str | Path = "kawhi-demo-out", seed: 
     from .ops.cosine_alignment import cosine_alignment
 
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: torch sees no CUDA device here (torch "
+                           f"{torch.__version__}); run with --device cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = 6

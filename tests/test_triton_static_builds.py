@@ -93,7 +93,7 @@ def test_launchers_choose_configurations_from_the_same_list():
     from kawhi_kernels.triton import attention_mass as am
     from kawhi_kernels.triton._utils import compiled_dot_precision
 
-    acc, block_r = am._accumulation(3, False, 64)
+    acc, block_r = am._accumulation(3, False, 64, torch.bfloat16)
     constexprs, warps, stages = am._launch_meta(torch.bfloat16, 128, acc, max(16, block_r),
                                                 am._output_mode(True, False), 8, has_lse=True,
                                                 causal=True,

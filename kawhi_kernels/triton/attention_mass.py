@@ -249,13 +249,15 @@ def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, i
     return (64, 64, 8, 2, 64) if d <= 128 else (64, 32, 8, 2, 64)
 
 
-def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int) -> tuple[int, int]:
-    """(ACC_MODE, BLOCK_R): registers for R ≤ coarse_max_regions, else windows (deterministic)
-    or atomics."""
+def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int,
+                  dtype: torch.dtype) -> tuple[int, int]:
+    """(ACC_MODE, BLOCK_R): registers for R ≤ coarse_max_regions, else windows (deterministic;
+    32 regions wide for fp32 inputs, whose window path spills at 64 on Triton 3.6 / sm_80) or
+    atomics."""
     if num_regions <= coarse_max_regions:
         return _ACC_COARSE, max(16, next_pow2(num_regions))
     if deterministic:
-        return _ACC_WINDOW, 64
+        return _ACC_WINDOW, (32 if dtype == torch.float32 else 64)
     return _ACC_ATOMIC, 16                           # (BLOCK_R unused on this path)
 
 
@@ -294,13 +296,16 @@ def kernel_builds():
     from .builds import KernelBuild
 
     precision = compiled_dot_precision()
-    modes = []                                                    # (acc, block_r, out)
-    for deterministic in (False, True):
-        for num_regions in (64, 65):
-            acc, block_r = _accumulation(num_regions, deterministic, 64)
-            for segmented in (False, True):
-                modes.append((acc, block_r, _output_mode(segmented, deterministic)))
-    modes = sorted(set(modes))
+
+    def modes(dtype):                                             # [(acc, block_r, out)]
+        found = set()
+        for deterministic in (False, True):
+            for num_regions in (64, 65):
+                acc, block_r = _accumulation(num_regions, deterministic, 64, dtype)
+                for segmented in (False, True):
+                    found.add((acc, block_r, _output_mode(segmented, deterministic)))
+        return sorted(found)
+
     acc_names = {_ACC_COARSE: "coarse", _ACC_ATOMIC: "atomic", _ACC_WINDOW: "window"}
     out_names = {_OUT_ROWS: "rows", _OUT_SEG_ATOMIC: "seg-atomic", _OUT_PARTIAL: "partials"}
     builds = []
@@ -308,7 +313,7 @@ def kernel_builds():
         for d in (128, 256):
             if d > triton_mass_head_dim_limit(dtype)[0]:
                 continue
-            for acc, block_r, out in modes:
+            for acc, block_r, out in modes(dtype):
                 max_stacked = _tile_config(dtype, d, acc)[4]
                 for gp in sorted({8, max_stacked}):
                     for has_lse in (False, True):
@@ -411,7 +416,7 @@ def plan_attention_mass_triton(
     dtype = interpreter_dot_dtype(dtype)          # what the kernel's tl.dot operands will be
     total_q = int(cu_seqlens_q_host[-1])
     num_out = num_segments if segmented else total_q
-    acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions)
+    acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions, dtype)
     max_stacked = _tile_config(dtype, head_dim, acc_mode)[4]
     max_group = max_group_heads if max_group_heads is not None else max_stacked
     if max_group < 1:
