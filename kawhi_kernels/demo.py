@@ -171,7 +171,7 @@ def run_demo(device: str = "cpu", out_dir: str | Path = "kawhi-demo-out", seed: 
     summary = _summarise(example, regions, result, advantages)
     _print_table(summary)
     t = _step(6, steps, f"writing {out / 'kawhi_demo.png'} and {out / 'kawhi_demo.json'}")
-    _plot(example, regions, patch_alignment, grid_hw, out / "kawhi_demo.png")
+    _plot(example, regions, patch_alignment, grid_hw, out / "kawhi_demo.png", summary)
     (out / "kawhi_demo.json").write_text(json.dumps(summary, indent=2))
     _done(t)
     return summary
@@ -213,7 +213,10 @@ def _print_table(summary: dict) -> None:
     print()
 
 
-def _plot(example: Example, regions, patch_alignment: torch.Tensor, grid_hw, path: Path) -> None:
+def _plot(example: Example, regions, patch_alignment: torch.Tensor, grid_hw, path: Path,
+          summary: dict) -> None:
+    """Three panels: SGUF regions on the image, per-token alignment, and the method's outputs
+    (paragraph weights w_j and reweighted advantages Â = A_g · w_j per response)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,22 +226,44 @@ def _plot(example: Example, regions, patch_alignment: torch.Tensor, grid_hw, pat
     gh, gw = grid_hw
     p = example.patch_size
     extent = (0, gw * p, gh * p, 0)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=100, layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1.15, 1.1]})
     key = regions.key_token_mask.reshape(gh, gw).float().cpu()
     selected = regions.selected.reshape(gh, gw).float().cpu()
     axes[0].imshow(example.image.numpy())
     key_or_background = ListedColormap(["#d62728", "#2ca02c"])
     axes[0].imshow(np.ma.masked_where(selected.numpy() == 0, key.numpy()), cmap=key_or_background, vmin=0,
                    vmax=1, alpha=0.45, extent=extent, interpolation="nearest")
-    axes[0].set_title("SGUF: key tokens (green), sampled background (red)")
+    axes[0].set_title("SGUF selection: key tokens (green),\nsampled background (red)", fontsize=10)
     axes[1].imshow(example.image.numpy(), alpha=0.5)
     shown = axes[1].imshow(patch_alignment.numpy(), cmap="magma", alpha=0.6, extent=extent,
                            interpolation="nearest")
-    fig.colorbar(shown, ax=axes[1], fraction=0.035)
-    axes[1].set_title("mean cosine(q_response, k_patch) per image token")
-    for ax in axes:
+    fig.colorbar(shown, ax=axes[1], fraction=0.04, label="mean cosine (q_response, k_token)")
+    axes[1].set_title("alignment of the response queries\nwith each image token", fontsize=10)
+    for ax in axes[:2]:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    _plot_weights(axes[2], summary)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plot_weights(ax, summary: dict) -> None:
+    """Bars of the paragraph weights per response, each labelled with Â = A_g · w_j."""
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    width = 0.8 / max(len(r["paragraphs"]) for r in summary["responses"])
+    for b, resp in enumerate(summary["responses"]):
+        for j, para in enumerate(resp["paragraphs"]):
+            x = b + (j - (len(resp["paragraphs"]) - 1) / 2) * width
+            ax.bar(x, para["weight"], width * 0.9, color=colours[j % len(colours)],
+                   label=f"paragraph {j}" if b == 0 else None)
+            ax.text(x, para["weight"] + 0.01, f"{resp['advantage'] * para['weight']:+.2f}",
+                    ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(range(len(summary["responses"])))
+    ax.set_xticklabels([f"resp {b}\nR={r['reward']:g}, A={r['advantage']:+.2f}"
+                        for b, r in enumerate(summary["responses"])], fontsize=8)
+    ax.set_ylabel("paragraph weight w_j")
+    ax.set_ylim(0, max(p["weight"] for r in summary["responses"] for p in r["paragraphs"]) * 1.35)
+    ax.set_title("paragraph weights; numbers: reweighted\nadvantage Â = A_g · w_j of each paragraph",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")

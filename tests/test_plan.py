@@ -322,3 +322,13 @@ def test_grid_pyramid_compiles_fullgraph_on_every_backend():
                                  fullgraph=True, backend="aot_eager")
         for a, b in zip(compiled(mass), grid_pyramid(mass, grids, levels=2, backend="torch")):
             torch.testing.assert_close(a, b)
+
+
+def test_functional_ops_refuse_truthy_non_bool_flags():
+    q, k, cu_q, cu_k, region = _layout(0)
+    for flag in ("deterministic", "causal", "check_finite"):
+        with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+            attention_mass(q, k, cu_q, cu_k, region, 5, **{flag: 1})
+    for flag in ("per_head", "check_finite"):
+        with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+            cosine_alignment(q, k, cu_q, cu_k, region, 5, **{flag: "yes"})

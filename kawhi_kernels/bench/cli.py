@@ -1,10 +1,11 @@
 """``kawhi-kernels bench``: sweep shapes × backends for every op, write CSV, markdown and plots.
 
-    kawhi-kernels bench -- --quick --device cpu          # tiny shapes, seconds, CPU
+    kawhi-kernels bench --quick --device cpu             # tiny shapes, seconds, CPU
     python -m kawhi_kernels.bench.cli --device cuda      # the full GPU sweep
     python -m kawhi_kernels.bench.cli --ops attention_mass --shapes 'target|seq' --backends naive,triton,flash
 
-(``--`` keeps the top-level ``kawhi-kernels`` parser from reading the bench options.)
+The top-level ``kawhi-kernels`` parser passes every option after ``bench`` through; a leading
+``--`` is accepted and ignored. Results go to ``--out`` (default ``./kawhi-bench-out``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="q/k dtype (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--out", default="benchmarks/results",
+    p.add_argument("--out", default="kawhi-bench-out",
                    help="output folder: results.csv is appended, report/plots written (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default: 3 quick, 10 full)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 1 on CPU, 3 on CUDA)")

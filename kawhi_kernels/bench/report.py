@@ -202,8 +202,9 @@ def _series(records: list[dict], value_key: str) -> dict[str, list[tuple[float, 
 
 
 def plot_vs_seq_len(records: list[dict], meta: dict, time_path: Path, memory_path: Path) -> list[Path]:
-    """Two PNGs for the "seq" family of ``attention_mass``: p50 time and peak extra memory against
-    sequence length, one line per backend. Panels without data say why. Returns the paths."""
+    """Up to two PNGs for the "seq" family of ``attention_mass``: p50 time and peak extra memory
+    against sequence length, one line per backend. A plot without data (peak memory on CPU, or
+    no successful case) is not written. Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,21 +212,17 @@ def plot_vs_seq_len(records: list[dict], meta: dict, time_path: Path, memory_pat
 
     device_note = "CPU run (not GPU results)" if not str(meta["device"]).startswith("cuda") else meta["gpu"]
     written = []
-    for path, key, ylabel, empty in (
-            (time_path, "p50_ms", "p50 time per call (ms)", "no successful seq-family cases in this run"),
-            (memory_path, "peak_mib", "peak extra memory (MiB)",
-             "peak memory is not measured on CPU" if "CPU" in device_note else
-             "no successful seq-family cases in this run")):
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for path, key, ylabel in ((time_path, "p50_ms", "p50 time per call (ms)"),
+                              (memory_path, "peak_mib", "peak extra memory (MiB)")):
         series = _series(records, key)
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         for label, points in series.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        if series:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
         ax.set_xlabel("keys per sequence (seq_len)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"attention_mass, seq family — {device_note}\nrun {meta['run_id']}, {meta['dtype']}",

@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_prof.add_argument("--backend", default="auto", help="attention_mass backend (default: auto)")
     p_prof.add_argument("--top", type=int, default=10, help="heads printed (default: 10)")
     p_prof.add_argument("--no-plot", action="store_true", help="skip the heatmap PNG")
+    p_prof.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p_abl = sub.add_parser("ablate", help="mask each head in every layer and measure the score drop")
     _add_model_args(p_abl)
@@ -179,7 +180,8 @@ def _profile(args) -> int:
             print("note: no --dataset given; profiling on synthetic random image+text inputs", file=sys.stderr)
         batches = list(_synthetic_batches(model, args.num_batches, args.seed))
         source = f"{args.num_batches} synthetic batches"
-    profile = profile_heads(model, batches, layers=args.layers, backend=args.backend, model_name=args.model)
+    profile = profile_heads(model, batches, layers=args.layers, backend=args.backend, model_name=args.model,
+                            progress=not args.no_progress)
     profile.meta["source"] = source
     paths = profile.save(args.out, plot=not args.no_plot)
     print(profile.to_markdown(top=min(args.top, profile.num_heads)))

@@ -14,14 +14,19 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=120)
+    # constrained layout keeps titles, colour bars and their labels inside the canvas and apart
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _heatmap(ax, values: torch.Tensor, layers: Sequence[int], title: str, label: str, cmap: str) -> None:
+def _heatmap(ax, values: torch.Tensor, layers: Sequence[int], title: str, label: str, cmap: str,
+             vmin: float | None = None, vmax: float | None = None) -> None:
+    """``vmin``/``vmax`` fix the colour scale to absolute bounds (e.g. 0 and 1 for a mass), so a
+    spread of 0.0005 does not fill the whole colour map."""
     data = values.detach().double().cpu().numpy()
-    image = ax.imshow(data, aspect="auto", origin="upper", cmap=cmap, interpolation="nearest")
+    image = ax.imshow(data, aspect="auto", origin="upper", cmap=cmap, interpolation="nearest",
+                      vmin=vmin, vmax=vmax)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -47,9 +52,8 @@ def plot_head_heatmap(values: torch.Tensor, path: str | Path, *, layers: Sequenc
     layers = list(range(values.shape[0])) if layers is None else list(layers)
     if len(layers) != values.shape[0]:
         raise ValueError(f"layers: expected {values.shape[0]} labels, got {len(layers)}")
-    fig = _figure(1.5 + 0.3 * max(values.shape[1], 8), 1.0 + 0.25 * max(values.shape[0], 8))
+    fig = _figure(2.5 + 0.3 * max(values.shape[1], 8), 1.2 + 0.25 * max(values.shape[0], 8))
     _heatmap(fig.add_subplot(1, 1, 1), values, layers, title, label, cmap)
-    fig.tight_layout()
     fig.savefig(path)
     return Path(path)
 
@@ -58,13 +62,15 @@ def plot_profile(profile, path: str | Path) -> Path:
     """Two heatmaps of a :class:`~kawhi_kernels.heads.profile.HeadProfile` side by side: image
     mass and per-patch entropy, layer × head. Returns the path of the PNG."""
     num_layers, num_heads = profile.mass.shape
-    fig = _figure(2.0 + 0.55 * max(num_heads, 8), 1.2 + 0.25 * max(num_layers, 8))
-    _heatmap(fig.add_subplot(1, 2, 1), profile.mass, profile.layers, "attention mass on image tokens",
-             "mean mass", "viridis")
-    _heatmap(fig.add_subplot(1, 2, 2), profile.entropy, profile.layers, "per-patch entropy",
-             f"nats (uniform {profile.max_entropy:.2f})", "magma")
+    fig = _figure(4.0 + 0.6 * max(num_heads, 8), 1.6 + 0.25 * max(num_layers, 8))
+    # Absolute scales: mass is a fraction of each row's attention (0–1); entropy runs from 0 (all
+    # mass on one patch) to the uniform spread over the patches.
+    _heatmap(fig.add_subplot(1, 2, 1), profile.mass, profile.layers, "mass on image tokens",
+             "fraction of attention (0–1)", "viridis", vmin=0.0, vmax=1.0)
+    _heatmap(fig.add_subplot(1, 2, 2), profile.entropy, profile.layers, "entropy over patches",
+             f"nats (0 = one patch, {profile.max_entropy:.2f} = uniform)", "magma",
+             vmin=0.0, vmax=max(float(profile.max_entropy), 1e-6))
     fig.suptitle(profile.model or "head profile")
-    fig.tight_layout()
     fig.savefig(path)
     return Path(path)
 
@@ -86,6 +92,5 @@ def plot_ablation(result, path: str | Path) -> Path:
     ax.set_xlabel("masked query head (all layers)")
     ax.set_ylabel(f"score drop (baseline {result.baseline:.4g})")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
     return Path(path)
