@@ -190,3 +190,22 @@ def test_merge_components_use_extension_must_be_bool(flag):
     z = np.zeros(4)
     with pytest.raises(TypeError, match="use_extension: expected a bool"):
         merge_components(z, z, z, (2, 2), 0.5, 30.0, 1e-6, use_extension=flag)
+
+
+def test_select_key_regions_accepts_pil_and_float_images_like_uint8():
+    import numpy as np
+    from PIL import Image
+
+    from kawhi_kernels import select_key_regions
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    want = select_key_regions(img, (2, 3), generator=None, skip_ratio=0.0)
+    for other in (Image.fromarray(img), Image.fromarray(img).convert("RGBA"), img / 255.0,
+                  torch.from_numpy(img).float() / 255.0):
+        got = select_key_regions(other, (2, 3), generator=None, skip_ratio=0.0)
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.selected, want.selected)
+    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\]"):
+        select_key_regions(img.astype(np.float32), (2, 3))
+    with pytest.raises(TypeError, match="divide by 65535"):
+        select_key_regions(img.astype(np.uint16), (2, 3))

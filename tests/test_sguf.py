@@ -408,7 +408,7 @@ def test_beta_zero_and_skip_bounds_are_allowed():
 
 
 @pytest.mark.parametrize("image,exc,match", [
-    (IMG.astype(np.float32), TypeError, "uint8"),
+    (np.full((56, 56, 3), 255.0, np.float32), ValueError, r"float images must hold values in \[0, 1\]"),
     (torch.zeros(56, 56, 3, dtype=torch.int32), TypeError, "uint8"),
     (np.zeros((56, 56, 4), dtype=np.uint8), ValueError, "3 channels"),
     (np.zeros((56, 56), dtype=np.uint8), ValueError, r"\[H, W, 3\]"),

@@ -81,8 +81,10 @@ def test_batch_matches_per_image_and_torch_version():
 
 def test_invalid_inputs_name_the_argument():
     img = torch.zeros(16, 24, 3, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="image: float images must hold values in"):
+        patch_descriptors_triton(img.float() + 2.0, (2, 3))
     with pytest.raises(TypeError, match="image"):
-        patch_descriptors_triton(img.float(), (2, 3))
+        patch_descriptors_triton(img.to(torch.int32), (2, 3))
     with pytest.raises(ValueError, match="image"):
         patch_descriptors_triton(img, (3, 3))              # 16 rows are not 3 patches
     with pytest.raises(ValueError, match="sigma"):

@@ -32,19 +32,32 @@ _GAUSSIAN_TRUNCATE = 4.0
 # ----------------------------------------------------------------------------- validation
 
 def check_image(value, name: str = "image", *, allow_batch: bool = False) -> torch.Tensor:
-    """Check an RGB uint8 image, [H, W, 3] (or [B, H, W, 3] when ``allow_batch``), given as a
-    torch tensor or a numpy array; return it as a tensor (numpy input is wrapped, not copied)."""
+    """Check an RGB image, [H, W, 3] (or [B, H, W, 3] when ``allow_batch``); return it as a uint8
+    tensor.
+
+    Accepted: uint8 torch tensors and numpy arrays (numpy is wrapped, not copied); PIL images
+    (converted to RGB); float tensors/arrays with values in [0, 1] (converted as
+    ``round(255 · x)``, so an image read as floats gives the same regions as its uint8 file).
+    """
+    if _is_pil_image(value):
+        value = np.asarray(value.convert("RGB"))
     if isinstance(value, np.ndarray):
-        if value.dtype != np.uint8:
-            raise TypeError(f"{name}: expected dtype uint8, got numpy {value.dtype}")
-        if not value.flags.writeable:  # torch warns on read-only buffers (e.g. PIL arrays)
-            value = value.copy()
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        if np.issubdtype(value.dtype, np.floating):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        elif value.dtype != np.uint8:
+            raise TypeError(f"{name}: expected dtype uint8 (or floats in [0, 1]), got numpy "
+                            f"{value.dtype}; for 16-bit images divide by 65535 first")
+        else:
+            if not value.flags.writeable:  # torch warns on read-only buffers (e.g. PIL arrays)
+                value = value.copy()
+            value = torch.from_numpy(np.ascontiguousarray(value))
     elif not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a uint8 torch.Tensor or numpy array [H, W, 3], "
-                        f"got {type(value).__name__}")
+        raise TypeError(f"{name}: expected an RGB image as a uint8 torch.Tensor / numpy array "
+                        f"[H, W, 3], a PIL image, or floats in [0, 1]; got {type(value).__name__}")
+    if value.is_floating_point():
+        value = _float_image_to_uint8(name, value)
     if value.dtype != torch.uint8:
-        raise TypeError(f"{name}: expected dtype uint8, got {value.dtype}")
+        raise TypeError(f"{name}: expected dtype uint8 (or floats in [0, 1]), got {value.dtype}")
     ranks = (3, 4) if allow_batch else (3,)
     if value.dim() not in ranks:
         want = "[H, W, 3] or [B, H, W, 3]" if allow_batch else "[H, W, 3]"
@@ -55,6 +68,24 @@ def check_image(value, name: str = "image", *, allow_batch: bool = False) -> tor
     if value.shape[-2] == 0 or value.shape[-3] == 0:
         raise ValueError(f"{name}: image is empty, shape {tuple(value.shape)}")
     return value
+
+
+def _is_pil_image(value) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(value, Image.Image)
+
+
+def _float_image_to_uint8(name: str, value: torch.Tensor) -> torch.Tensor:
+    """round(255 · x) for a float image with every value in [0, 1]; ValueError otherwise."""
+    if value.numel():
+        lo, hi = float(value.min()), float(value.max())
+        if not (0.0 <= lo and hi <= 1.0):          # also false for NaN
+            raise ValueError(f"{name}: float images must hold values in [0, 1], got range "
+                             f"[{lo}, {hi}]; pass uint8 for 0-255 data")
+    return torch.round(value.to(torch.float64) * 255.0).to(torch.uint8)
 
 
 def check_grid_hw(value, name: str = "grid_hw") -> tuple[int, int]:
