@@ -332,3 +332,46 @@ def test_functional_ops_refuse_truthy_non_bool_flags():
     for flag in ("per_head", "check_finite"):
         with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
             cosine_alignment(q, k, cu_q, cu_k, region, 5, **{flag: "yes"})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the sync-free claim on real hardware (skipped without CUDA; run by benchmarks/run_gpu.sh).
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("segmented,deterministic", [(False, False), (True, True), (True, False)])
+def test_gpu_run_under_sync_debug_error_and_in_a_cuda_graph(segmented, deterministic):
+    seed = fresh_seed()
+    lens_q, lens_k = [300, 0, 517], [1024, 64, 2048]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 28, 4, 128, torch.bfloat16)
+    region = patch_regions(seed + 1, lens_k, 90)
+    seg = ({"query_segment": run_segments(seed + 2, lens_q, 6), "num_segments": 6}
+           if segmented else {})
+    plan = AttentionMassPlan(cu_q, cu_k, region, 90, num_heads=28, num_kv_heads=4, head_dim=128,
+                             dtype=torch.bfloat16, heads=[0, 1, 3, 22, 27],
+                             deterministic=deterministic, backend="triton", **seg)
+    cosine = CosineAlignmentPlan(cu_q, cu_k, region, 90, num_heads=28, num_kv_heads=4,
+                                 head_dim=128, dtype=torch.bfloat16, backend="triton")
+    eager, eager_cos = plan.run(q, k), cosine.run(q, k)          # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan.run(q, k)
+        cosine.run(q, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        plan.run(q, k)
+        cosine.run(q, k)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, captured_cos = plan.run(q, k), cosine.run(q, k)
+    q.copy_(q.flip(0))                                            # new values, same layout
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, plan.run(q, k), **MASS_TOL)
+    torch.testing.assert_close(captured_cos, cosine.run(q, k), **COSINE_TOL)
+    assert not torch.equal(captured, eager) or not torch.equal(captured_cos, eager_cos)
