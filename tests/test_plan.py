@@ -157,7 +157,7 @@ def test_triton_run_is_free_of_data_dependent_ops(segmented, deterministic, num_
     lse = reference_lse(q, k, cu_q, cu_k, True, 32 ** -0.5) if with_lse else None
     plan = _mass_plan(cu_q, cu_k, region, num_regions, q, k, deterministic=deterministic,
                       backend="triton", **seg)
-    plan.run(q, k, lse)                                       # warm-up (plans the lse variant)
+    plan.run(q, k, lse)                                       # warm-up (first launch)
     with _FailOnDataDependentOps() as guard:
         got = plan.run(q, k, lse)
     assert guard.ops                                          # the mode saw the run

@@ -182,15 +182,13 @@ class _Accumulator:
         self.entropy_sum: torch.Tensor | None = None
         self.count = torch.zeros(len(layers), dtype=torch.int64)
         self.input_ids: torch.Tensor | None = None
-        self.checked = False
-        self.layout = None
+        self.layout = None       # (valid, rows per sequence, plan) of the current batch
         self.num_sequences = 0
         self.num_rows = 0
         self.log_patches = 0.0
 
     def start_batch(self, input_ids: torch.Tensor) -> None:
         self.input_ids = input_ids
-        self.checked = False
         self.layout = None
 
     def _batch_layout(self, record):
@@ -229,13 +227,12 @@ class _Accumulator:
         return valid, row_counts, plan
 
     def __call__(self, layer: int, record) -> None:
-        if not self.checked:
+        if self.layout is None:
             if not record.queries_are_suffix():
                 raise ValueError(
                     "query_mask: the selected query rows must be the last non-pad tokens of each sequence "
                     "(e.g. the response): attention_mass aligns causal masks bottom-right, which matches "
                     "the model only for such suffix rows. Truncate the batch after the rows of interest.")
-            self.checked = True
             self.layout = self._batch_layout(record)
         valid, row_counts, plan = self.layout
         hq = record.q.shape[1]

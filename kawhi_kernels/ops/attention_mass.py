@@ -12,7 +12,7 @@ import torch
 from .. import _validation as V
 from .._backend import BACKENDS
 from .plan import MASS_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: F401  (the benchmark suite reads it)
-from .plan import AttentionMassPlan
+from .plan import AttentionMassPlan, check_layout_structure
 
 
 @torch.library.custom_op("kawhi::attention_mass", mutates_args=())
@@ -94,17 +94,11 @@ def attention_mass(
     # Shapes, dtypes and devices here (traceable); values in the plan, inside the custom op.
     hq, _, d = V.check_qk_pair(q, k)
     device = q.device
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        V.check_tensor(name, cu, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
-    V.check_positive_int("num_regions", num_regions, allow_zero=True)
-    V.check_tensor("key_region", key_region, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
+    check_layout_structure(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, query_segment,
+                           num_segments, device=device)
     if key_region.numel() != k.shape[0]:
         raise ValueError(f"key_region: expected {k.shape[0]} entries, got {key_region.numel()}")
-    if (query_segment is None) != (num_segments is None):
-        raise ValueError("query_segment/num_segments: pass both or neither")
     if query_segment is not None:
-        V.check_positive_int("num_segments", num_segments, allow_zero=True)
-        V.check_tensor("query_segment", query_segment, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
         if query_segment.numel() != q.shape[0]:
             raise ValueError(f"query_segment: expected {q.shape[0]} entries, got {query_segment.numel()}")
     head_list = V.check_heads(heads, hq)

@@ -6,7 +6,7 @@ import torch
 from .. import _validation as V
 from .._backend import BACKENDS
 from .plan import COSINE_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: F401  (the benchmark suite reads it)
-from .plan import CosineAlignmentPlan
+from .plan import CosineAlignmentPlan, check_layout_structure
 
 
 @torch.library.custom_op("kawhi::cosine_alignment", mutates_args=())
@@ -63,10 +63,7 @@ def cosine_alignment(
     # Shapes, dtypes and devices here (traceable); values in the plan, inside the custom op.
     hq, _, d = V.check_qk_pair(q, k)
     device = q.device
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        V.check_tensor(name, cu, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
-    V.check_positive_int("num_regions", num_regions, allow_zero=True)
-    V.check_tensor("key_region", key_region, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
+    check_layout_structure(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, device=device)
     if key_region.numel() != k.shape[0]:
         raise ValueError(f"key_region: expected {k.shape[0]} entries, got {key_region.numel()}")
     head_list = V.check_heads(heads, hq)

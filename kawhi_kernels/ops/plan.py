@@ -32,7 +32,7 @@ from .. import _validation as V
 from .._backend import BACKENDS, resolve_backend, triton_mass_head_dim_limit
 from ._dispatch import load_implementation
 
-__all__ = ["AttentionMassPlan", "CosineAlignmentPlan"]
+__all__ = ["AttentionMassPlan", "CosineAlignmentPlan", "check_layout_structure"]
 
 # Backend → implementation ("module:function"), imported only when a plan runs on it.
 MASS_IMPLEMENTATIONS = {
@@ -66,21 +66,33 @@ def _host_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, key_reg
     return cu_q, cu_k, region_range, segment
 
 
-def _check_layout(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, query_segment,
-                  num_segments, total_q=None):
-    """Structural and value checks of a layout; returns the host copies (cu_q, cu_k, segment)."""
-    device = key_region.device if isinstance(key_region, torch.Tensor) else None
-    V.check_tensor("key_region", key_region, ndim=1, dtypes=V.INDEX_DTYPES)
+def check_layout_structure(cu_seqlens_q, cu_seqlens_k, key_region, num_regions: int,
+                           query_segment=None, num_segments: int | None = None, *,
+                           device: torch.device | None = None) -> None:
+    """Kinds, ranks, dtypes and devices of a layout (no value is read, so this traces under
+    torch.compile): int [B+1] cumulative lengths with B ≥ 1, int key_region [total_k], an int
+    num_regions ≥ 0, and query_segment/num_segments together or not at all. ``device``
+    defaults to key_region's."""
+    if device is None and isinstance(key_region, torch.Tensor):
+        device = key_region.device
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         V.check_tensor(name, cu, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
         if cu.numel() < 2:
             raise ValueError(f"{name}: expected length B+1 with B >= 1 sequences, got length {cu.numel()}")
     V.check_positive_int("num_regions", num_regions, allow_zero=True)
+    V.check_tensor("key_region", key_region, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
     if (query_segment is None) != (num_segments is None):
         raise ValueError("query_segment/num_segments: pass both or neither")
     if query_segment is not None:
         V.check_positive_int("num_segments", num_segments, allow_zero=True)
         V.check_tensor("query_segment", query_segment, ndim=1, dtypes=V.INDEX_DTYPES, device=device)
+
+
+def _check_layout(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, query_segment,
+                  num_segments, total_q=None):
+    """Structural and value checks of a layout; returns the host copies (cu_q, cu_k, segment)."""
+    check_layout_structure(cu_seqlens_q, cu_seqlens_k, key_region, num_regions, query_segment,
+                           num_segments)
     cu_q, cu_k, region_range, segment = _host_layout(cu_seqlens_q, cu_seqlens_k, key_region,
                                                      query_segment)
     V.check_cumulative_lengths("cu_seqlens_q", cu_q, total_q)
@@ -133,6 +145,17 @@ def _check_qk_for(plan, q, k) -> None:
         raise ValueError(f"k: expected shape {want_k} (the plan's layout), got {tuple(k.shape)}")
 
 
+def _plan_backend(backend, device, op_name: str, implementations: dict, head_dim: int, dtype,
+                  triton_head_dim=None) -> str:
+    """The concrete backend of a plan: fp64 inputs always run the reference (the fused kernels
+    compute in fp32; fp64 is for checks), others as :func:`resolve_backend` decides."""
+    V.check_backend(backend, BACKENDS)
+    if dtype == torch.float64:
+        return "torch"
+    return resolve_backend(backend, device, op_name, tuple(implementations), head_dim=head_dim,
+                           triton_head_dim=triton_head_dim)
+
+
 class AttentionMassPlan:
     """Validated ``attention_mass`` for one batch layout, reusable across layers and calls.
 
@@ -173,37 +196,24 @@ class AttentionMassPlan:
         self.causal, self.deterministic = causal, deterministic
         self.softmax_scale = float(softmax_scale)
         self.total_q, self.total_k = int(cu_q[-1]), int(cu_k[-1])
-        V.check_backend(backend, BACKENDS)
-        if dtype == torch.float64:       # the fused kernels compute in fp32: fp64 is for checks
-            self.backend = "torch"
-        else:
-            self.backend = resolve_backend(backend, self.device, "attention_mass",
-                                           tuple(MASS_IMPLEMENTATIONS), head_dim=head_dim,
-                                           triton_head_dim=triton_mass_head_dim_limit(dtype))
-        self._rows_with_keys = _rows_with_keys(cu_q, cu_k, causal).to(self.device)
+        self.backend = _plan_backend(backend, self.device, "attention_mass", MASS_IMPLEMENTATIONS,
+                                     head_dim, dtype, triton_mass_head_dim_limit(dtype))
+        self._host_cu = (cu_q, cu_k)
+        self._rows_with_keys = None          # built by check_finite, the only reader
         # The reference and the CUDA path take contiguous int tensors on the device.
         self._cu_q = cu_q.to(self.device)
         self._cu_k = cu_k.to(self.device)
         self._key_region = key_region
         self._segment = None if segment is None else query_segment.contiguous()
-        self._lse_plans = {}
+        self._triton = None
         if self.backend == "triton":
-            self._triton_args = dict(
-                cu_seqlens_q_host=cu_q, cu_seqlens_k_host=cu_k, key_region=key_region,
-                num_regions=num_regions, dtype=dtype, num_heads=num_heads,
+            from ..triton.attention_mass import plan_attention_mass_triton
+
+            self._triton = plan_attention_mass_triton(
+                cu_q, cu_k, key_region, num_regions, dtype=dtype, num_heads=num_heads,
                 num_kv_heads=num_kv_heads, head_dim=head_dim, query_segment_host=segment,
                 num_segments=num_segments or 0, heads=self.heads, causal=causal,
                 softmax_scale=self.softmax_scale, deterministic=deterministic)
-            self._triton_plan(has_lse=False)
-
-    def _triton_plan(self, has_lse: bool):
-        """The Triton launch plan (one per lse on/off: the tile configuration differs)."""
-        if has_lse not in self._lse_plans:
-            from ..triton.attention_mass import plan_attention_mass_triton
-
-            self._lse_plans[has_lse] = plan_attention_mass_triton(**self._triton_args,
-                                                                  has_lse=has_lse)
-        return self._lse_plans[has_lse]
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -227,6 +237,8 @@ class AttentionMassPlan:
             sel = lse[self.heads]
             if bool(torch.isnan(sel).any()):
                 raise ValueError("lse: contains NaN values")
+            if self._rows_with_keys is None:
+                self._rows_with_keys = _rows_with_keys(*self._host_cu, self.causal).to(self.device)
             bad = torch.isinf(sel) & self._rows_with_keys[None, :]
             if bool(bad.any()):
                 raise ValueError("lse: ±inf on a row that sees keys (only rows without any "
@@ -246,7 +258,7 @@ class AttentionMassPlan:
             if self.backend == "triton":
                 from ..triton.attention_mass import run_attention_mass_triton
 
-                return run_attention_mass_triton(self._triton_plan(lse is not None), q, k, lse)
+                return run_attention_mass_triton(self._triton, q, k, lse)
             kwargs = dict(query_segment=self._segment, num_segments=self.num_segments or 0,
                           heads=self.heads, lse=lse, causal=self.causal,
                           softmax_scale=self.softmax_scale)
@@ -285,12 +297,8 @@ class CosineAlignmentPlan:
         self.heads = V.check_heads(heads, num_heads)
         self.num_regions, self.per_head = num_regions, per_head
         self.total_q, self.total_k = int(cu_q[-1]), int(cu_k[-1])
-        V.check_backend(backend, BACKENDS)
-        if dtype == torch.float64:       # the fused kernels compute in fp32: fp64 is for checks
-            self.backend = "torch"
-        else:
-            self.backend = resolve_backend(backend, self.device, "cosine_alignment",
-                                           tuple(COSINE_IMPLEMENTATIONS), head_dim=head_dim)
+        self.backend = _plan_backend(backend, self.device, "cosine_alignment",
+                                     COSINE_IMPLEMENTATIONS, head_dim, dtype)
         self._cu_q, self._cu_k = cu_q.to(self.device), cu_k.to(self.device)
         self._key_region = key_region
         self._triton = None

@@ -339,7 +339,8 @@ def kernel_builds():
 @dataclass(frozen=True)
 class MassLaunchPlan:
     """Everything one ``_attention_mass_kernel`` launch needs except q, k and lse: built once per
-    batch layout by :func:`plan_attention_mass_triton`, on the layout's device.
+    batch layout by :func:`plan_attention_mass_triton`, on the layout's device. The tiles do not
+    depend on ``lse``: each run sets ``HAS_LSE`` itself.
 
     ``run_attention_mass_triton`` reads only these tensors and Python values: no host sync, no
     data-dependent shape.
@@ -367,8 +368,6 @@ class MassLaunchPlan:
     slot_tab: torch.Tensor
     seg_start: torch.Tensor | None
     seg_order: torch.Tensor | None
-    has_lse: bool
-    dtype: torch.dtype
 
     @property
     def num_blocks(self) -> int:
@@ -388,7 +387,6 @@ def plan_attention_mass_triton(
     query_segment_host: torch.Tensor | None = None,
     num_segments: int = 0,
     heads: list[int] | None = None,
-    has_lse: bool = False,
     causal: bool = True,
     softmax_scale: float | None = None,
     deterministic: bool = False,
@@ -424,9 +422,8 @@ def plan_attention_mass_triton(
     kv_tab, head_tab, slot_tab, gp = head_groups(heads, num_heads // num_kv_heads, max_group, device)
     out_mode = _output_mode(segmented, deterministic)
     constexprs, num_warps, num_stages = _launch_meta(
-        dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=has_lse, causal=causal,
+        dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=False, causal=causal,
         dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
-    constexprs["BLOCK_D"] = max(16, next_pow2(head_dim))
     blocks_host = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, constexprs["BLOCK_ROWS"],
                              query_segment_host)
     tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, constexprs["BLOCK_N"])
@@ -442,7 +439,7 @@ def plan_attention_mass_triton(
         region=key_region.to(dtype=torch.int32).contiguous(),
         blocks=blocks_host.to(device), tile_base=tile_base, tile_rmin=tile_rmin,
         tile_rmax=tile_rmax, kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
-        seg_start=seg_start, seg_order=seg_order, has_lse=has_lse, dtype=dtype)
+        seg_start=seg_start, seg_order=seg_order)
 
 
 def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Tensor,
@@ -541,7 +538,7 @@ def attention_mass_triton(
         num_kv_heads=k.shape[1], head_dim=q.shape[2],
         query_segment_host=(None if query_segment is None
                             else query_segment.detach().to("cpu", torch.int64)),
-        num_segments=num_segments, heads=heads, has_lse=lse is not None, causal=causal,
+        num_segments=num_segments, heads=heads, causal=causal,
         softmax_scale=softmax_scale, deterministic=deterministic, block_rows=block_rows,
         block_n=block_n, coarse_max_regions=coarse_max_regions, max_group_heads=max_group_heads)
     return run_attention_mass_triton(plan, q, k, lse)
