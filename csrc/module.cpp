@@ -116,65 +116,78 @@ py::dict build_info() {
   return info;
 }
 
-// Argument structs of the CUDA ops, exposed field by field (pybind11 type-checks every field:
-// a negative pointer or a float size is a TypeError at assignment).
-#define KAWHI_FIELD(cls, name) .def_readwrite(#name, &cls::name)
+// Argument structs of the CUDA ops, bound from the op_fields.h tables (pybind11 type-checks
+// every field: a negative pointer or a float size is a TypeError at assignment), and the tables
+// themselves as _C.op_fields(op), which the Python wrappers fill the structs from.
+const char* kind_name(kawhi::FieldKind kind) {
+  switch (kind) {
+    case kawhi::FieldKind::Pointer: return "pointer";
+    case kawhi::FieldKind::Count: return "count";
+    case kawhi::FieldKind::Stride: return "stride";
+    case kawhi::FieldKind::Flag: return "flag";
+    case kawhi::FieldKind::Real: return "real";
+    case kawhi::FieldKind::Dtype: return "dtype";
+    case kawhi::FieldKind::Stream: return "stream";
+    case kawhi::FieldKind::Device: return "device";
+  }
+  return "unknown";
+}
+
+py::dict field_row(const char* name, const char* c_type, kawhi::FieldKind kind, int64_t minimum,
+                   const char* doc) {
+  py::dict row;
+  row["name"] = name;
+  row["c_type"] = c_type;
+  row["kind"] = kind_name(kind);
+  row["minimum"] = minimum;
+  row["doc"] = doc;
+  return row;
+}
+
+#define KAWHI_BIND_FIELD(c_type, name, init, kind, minimum, doc) \
+  cls.def_readwrite(#name, &Args::name, doc);
+#define KAWHI_FIELD_ROW(c_type, name, init, kind, minimum, doc) \
+  rows.append(field_row(#name, #c_type, kawhi::FieldKind::kind, minimum, doc));
+
+#define KAWHI_BIND_ARGS(Struct, TABLE, op_name)                                           \
+  {                                                                                       \
+    using Args = kawhi::Struct;                                                           \
+    py::class_<Args> cls(m, #Struct, "Raw arguments of " op_name " (see csrc/ops.h).");   \
+    cls.def(py::init<>());                                                                \
+    TABLE(KAWHI_BIND_FIELD)                                                               \
+    arg_types[op_name] = cls;                                                             \
+  }
+
+// The field table of `op` as a list of dicts (built on each call: no Python state held in C++).
+py::list op_fields(const std::string& op) {
+  py::list rows;
+  if (op == "attention_mass") {
+    KAWHI_ATTENTION_MASS_FIELDS(KAWHI_FIELD_ROW)
+  } else if (op == "cosine_alignment") {
+    KAWHI_COSINE_ALIGNMENT_FIELDS(KAWHI_FIELD_ROW)
+  } else if (op == "sguf_descriptors") {
+    KAWHI_SGUF_DESCRIPTOR_FIELDS(KAWHI_FIELD_ROW)
+  } else {
+    throw py::value_error("op: expected 'attention_mass', 'cosine_alignment' or "
+                          "'sguf_descriptors', got '" + op + "'");
+  }
+  return rows;
+}
 
 void bind_op_args(py::module_& m) {
   using kawhi::AttentionMassArgs;
   using kawhi::CosineAlignmentArgs;
   using kawhi::SgufDescriptorArgs;
-  py::class_<AttentionMassArgs>(m, "AttentionMassArgs",
-                                "Raw arguments of attention_mass (see csrc/ops.h).")
-      .def(py::init<>())
-      KAWHI_FIELD(AttentionMassArgs, q) KAWHI_FIELD(AttentionMassArgs, k)
-      KAWHI_FIELD(AttentionMassArgs, dtype) KAWHI_FIELD(AttentionMassArgs, total_q)
-      KAWHI_FIELD(AttentionMassArgs, total_k) KAWHI_FIELD(AttentionMassArgs, hq)
-      KAWHI_FIELD(AttentionMassArgs, hk) KAWHI_FIELD(AttentionMassArgs, head_dim)
-      KAWHI_FIELD(AttentionMassArgs, q_stride_t) KAWHI_FIELD(AttentionMassArgs, q_stride_h)
-      KAWHI_FIELD(AttentionMassArgs, k_stride_t) KAWHI_FIELD(AttentionMassArgs, k_stride_h)
-      KAWHI_FIELD(AttentionMassArgs, cu_seqlens_q) KAWHI_FIELD(AttentionMassArgs, cu_seqlens_k)
-      KAWHI_FIELD(AttentionMassArgs, num_seqs) KAWHI_FIELD(AttentionMassArgs, key_region)
-      KAWHI_FIELD(AttentionMassArgs, num_regions) KAWHI_FIELD(AttentionMassArgs, heads)
-      KAWHI_FIELD(AttentionMassArgs, num_heads) KAWHI_FIELD(AttentionMassArgs, row_blocks)
-      KAWHI_FIELD(AttentionMassArgs, num_row_blocks) KAWHI_FIELD(AttentionMassArgs, lse)
-      KAWHI_FIELD(AttentionMassArgs, lse_stride_h) KAWHI_FIELD(AttentionMassArgs, lse_stride_t)
-      KAWHI_FIELD(AttentionMassArgs, causal) KAWHI_FIELD(AttentionMassArgs, softmax_scale)
-      KAWHI_FIELD(AttentionMassArgs, segmented) KAWHI_FIELD(AttentionMassArgs, num_segments)
-      KAWHI_FIELD(AttentionMassArgs, deterministic) KAWHI_FIELD(AttentionMassArgs, out)
-      KAWHI_FIELD(AttentionMassArgs, partial)
-      KAWHI_FIELD(AttentionMassArgs, segment_block_start)
-      KAWHI_FIELD(AttentionMassArgs, segment_blocks) KAWHI_FIELD(AttentionMassArgs, stream)
-      KAWHI_FIELD(AttentionMassArgs, device);
-  py::class_<CosineAlignmentArgs>(m, "CosineAlignmentArgs",
-                                  "Raw arguments of cosine_alignment (see csrc/ops.h).")
-      .def(py::init<>())
-      KAWHI_FIELD(CosineAlignmentArgs, q) KAWHI_FIELD(CosineAlignmentArgs, k)
-      KAWHI_FIELD(CosineAlignmentArgs, dtype) KAWHI_FIELD(CosineAlignmentArgs, total_q)
-      KAWHI_FIELD(CosineAlignmentArgs, total_k) KAWHI_FIELD(CosineAlignmentArgs, hq)
-      KAWHI_FIELD(CosineAlignmentArgs, hk) KAWHI_FIELD(CosineAlignmentArgs, head_dim)
-      KAWHI_FIELD(CosineAlignmentArgs, q_stride_t) KAWHI_FIELD(CosineAlignmentArgs, q_stride_h)
-      KAWHI_FIELD(CosineAlignmentArgs, k_stride_t) KAWHI_FIELD(CosineAlignmentArgs, k_stride_h)
-      KAWHI_FIELD(CosineAlignmentArgs, cu_seqlens_q)
-      KAWHI_FIELD(CosineAlignmentArgs, cu_seqlens_k) KAWHI_FIELD(CosineAlignmentArgs, num_seqs)
-      KAWHI_FIELD(CosineAlignmentArgs, key_region) KAWHI_FIELD(CosineAlignmentArgs, num_regions)
-      KAWHI_FIELD(CosineAlignmentArgs, heads) KAWHI_FIELD(CosineAlignmentArgs, num_heads)
-      KAWHI_FIELD(CosineAlignmentArgs, per_head) KAWHI_FIELD(CosineAlignmentArgs, kbar)
-      KAWHI_FIELD(CosineAlignmentArgs, out) KAWHI_FIELD(CosineAlignmentArgs, stream)
-      KAWHI_FIELD(CosineAlignmentArgs, device);
-  py::class_<SgufDescriptorArgs>(m, "SgufDescriptorArgs",
-                                 "Raw arguments of sguf_descriptors (see csrc/ops.h).")
-      .def(py::init<>())
-      KAWHI_FIELD(SgufDescriptorArgs, image) KAWHI_FIELD(SgufDescriptorArgs, num_images)
-      KAWHI_FIELD(SgufDescriptorArgs, height) KAWHI_FIELD(SgufDescriptorArgs, width)
-      KAWHI_FIELD(SgufDescriptorArgs, stride_b) KAWHI_FIELD(SgufDescriptorArgs, stride_y)
-      KAWHI_FIELD(SgufDescriptorArgs, stride_x) KAWHI_FIELD(SgufDescriptorArgs, stride_c)
-      KAWHI_FIELD(SgufDescriptorArgs, grid_h) KAWHI_FIELD(SgufDescriptorArgs, grid_w)
-      KAWHI_FIELD(SgufDescriptorArgs, patch) KAWHI_FIELD(SgufDescriptorArgs, lut)
-      KAWHI_FIELD(SgufDescriptorArgs, weights) KAWHI_FIELD(SgufDescriptorArgs, radius)
-      KAWHI_FIELD(SgufDescriptorArgs, lam_max) KAWHI_FIELD(SgufDescriptorArgs, lam_min)
-      KAWHI_FIELD(SgufDescriptorArgs, lightness) KAWHI_FIELD(SgufDescriptorArgs, stream)
-      KAWHI_FIELD(SgufDescriptorArgs, device);
+  py::dict arg_types;
+  KAWHI_BIND_ARGS(AttentionMassArgs, KAWHI_ATTENTION_MASS_FIELDS, "attention_mass")
+  KAWHI_BIND_ARGS(CosineAlignmentArgs, KAWHI_COSINE_ALIGNMENT_FIELDS, "cosine_alignment")
+  KAWHI_BIND_ARGS(SgufDescriptorArgs, KAWHI_SGUF_DESCRIPTOR_FIELDS, "sguf_descriptors")
+  m.attr("ARG_TYPES") = arg_types;
+  m.def("op_fields", &op_fields, py::arg("op"),
+        "Field table of an op's argument struct (csrc/op_fields.h), in declaration order: a "
+        "list of dicts with name, c_type, kind (pointer, count, stride, flag, real, dtype, "
+        "stream, device), minimum (the least value a count takes) and doc. ARG_TYPES[op] is "
+        "the struct's class.");
 
   const char* validate_doc =
       "Host-side check of raw op arguments; raises ValueError naming the bad argument. Needs "
@@ -207,7 +220,9 @@ void bind_op_args(py::module_& m) {
 #endif
 }
 
-#undef KAWHI_FIELD
+#undef KAWHI_BIND_ARGS
+#undef KAWHI_FIELD_ROW
+#undef KAWHI_BIND_FIELD
 
 }  // namespace
 

@@ -9,10 +9,13 @@
 //
 // Pointers are device addresses as integers (torch's Tensor.data_ptr()); 0 means "absent" and is
 // accepted only where an argument is optional or its array has no elements. Strides are in
-// elements. All index arithmetic in the kernels is int64.
+// elements. All index arithmetic in the kernels is int64. The struct members come from the
+// field tables of op_fields.h (one list for the struct, the binding and the per-field checks).
 #pragma once
 
 #include <cstdint>
+
+#include "op_fields.h"
 
 namespace kawhi {
 
@@ -36,32 +39,7 @@ constexpr int64_t kMaxHeadDim = 256;
 // summed afterwards in the fixed order of the CSR lists segment_block_start [num_segments + 1]
 // / segment_blocks [num_row_blocks].
 struct AttentionMassArgs {
-  uintptr_t q = 0;   // [total_q, hq, d], last dim contiguous
-  uintptr_t k = 0;   // [total_k, hk, d], last dim contiguous
-  int dtype = -1;    // DtypeCode of q and k
-  int64_t total_q = -1, total_k = -1, hq = -1, hk = -1, head_dim = -1;
-  int64_t q_stride_t = -1, q_stride_h = -1, k_stride_t = -1, k_stride_h = -1;
-  uintptr_t cu_seqlens_q = 0, cu_seqlens_k = 0;  // int32 [num_seqs + 1]
-  int64_t num_seqs = -1;
-  uintptr_t key_region = 0;  // int32 [total_k], in [0, num_regions) or -1
-  int64_t num_regions = -1;
-  uintptr_t heads = 0;       // int32 [num_heads], query-head index of each output slot
-  int64_t num_heads = -1;
-  uintptr_t row_blocks = 0;  // int32 [num_row_blocks, 4]
-  int64_t num_row_blocks = -1;
-  uintptr_t lse = 0;         // optional fp32 [hq, total_q]
-  int64_t lse_stride_h = 0, lse_stride_t = 0;
-  bool causal = true;
-  double softmax_scale = 0.0;
-  bool segmented = false;
-  int64_t num_segments = 0;
-  bool deterministic = false;
-  uintptr_t out = 0;         // fp32 [segmented ? num_segments : total_q, num_heads, num_regions]
-  uintptr_t partial = 0;     // fp32 [num_row_blocks, num_heads, num_regions] (segmented+deterministic)
-  uintptr_t segment_block_start = 0;  // int32 [num_segments + 1] (segmented+deterministic)
-  uintptr_t segment_blocks = 0;       // int32 [num_row_blocks]   (segmented+deterministic)
-  uintptr_t stream = 0;      // cudaStream_t as an integer (0: legacy default stream)
-  int device = -1;           // CUDA device index the pointers live on
+  KAWHI_ATTENTION_MASS_FIELDS(KAWHI_DECLARE_FIELD)
 };
 
 // cosine_alignment: mean cosine of each query row to the keys of each region of its sequence.
@@ -71,21 +49,7 @@ struct AttentionMassArgs {
 //   (head h = heads[s], kv = h / (hq / hk)): c = (q_i / |q_i|) . kbar[b, r, kv] and
 //   out[i, s, r] = c (per_head) or out[i, r] = mean over slots of c.
 struct CosineAlignmentArgs {
-  uintptr_t q = 0, k = 0;
-  int dtype = -1;
-  int64_t total_q = -1, total_k = -1, hq = -1, hk = -1, head_dim = -1;
-  int64_t q_stride_t = -1, q_stride_h = -1, k_stride_t = -1, k_stride_h = -1;
-  uintptr_t cu_seqlens_q = 0, cu_seqlens_k = 0;  // int32 [num_seqs + 1]
-  int64_t num_seqs = -1;
-  uintptr_t key_region = 0;  // int32 [total_k]
-  int64_t num_regions = -1;
-  uintptr_t heads = 0;       // int32 [num_heads]
-  int64_t num_heads = -1;
-  bool per_head = false;
-  uintptr_t kbar = 0;        // fp32 workspace [num_seqs, num_regions, hk, d]
-  uintptr_t out = 0;         // fp32 [total_q, num_heads, R] (per_head) or [total_q, R]
-  uintptr_t stream = 0;
-  int device = -1;
+  KAWHI_COSINE_ALIGNMENT_FIELDS(KAWHI_DECLARE_FIELD)
 };
 
 // SGUF per-patch descriptors of a batch of same-size uint8 RGB images (one fused kernel, one
@@ -94,17 +58,11 @@ struct CosineAlignmentArgs {
 // with `weights` fp32 [2 * radius + 1] (scipy "reflect" boundary), Sobel gradients, patch means
 // of the structure tensor, its eigenvalues, and the patch mean of smoothed L.
 struct SgufDescriptorArgs {
-  uintptr_t image = 0;  // uint8 [num_images, height, width, 3]
-  int64_t num_images = -1, height = -1, width = -1;
-  int64_t stride_b = -1, stride_y = -1, stride_x = -1, stride_c = -1;
-  int64_t grid_h = -1, grid_w = -1, patch = -1;
-  uintptr_t lut = 0;      // fp32 [3, 256]
-  uintptr_t weights = 0;  // fp32 [2 * radius + 1]
-  int64_t radius = -1;
-  uintptr_t lam_max = 0, lam_min = 0, lightness = 0;  // fp32 [num_images, grid_h * grid_w]
-  uintptr_t stream = 0;
-  int device = -1;
+  KAWHI_SGUF_DESCRIPTOR_FIELDS(KAWHI_DECLARE_FIELD)
 };
+
+// Kinds of the op_fields.h table rows (what the generic per-field check does).
+enum class FieldKind { Pointer, Count, Stride, Flag, Real, Dtype, Stream, Device };
 
 // Host-side checks (always compiled): throw std::invalid_argument naming the argument.
 void validate(const AttentionMassArgs& a);

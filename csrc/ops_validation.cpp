@@ -53,55 +53,51 @@ void check_device(const std::string& op, int device) {
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr int64_t kGridYMax = 65535;
 
-// Checks shared by the two q/k ops.
-void check_qk(const std::string& op, int dtype, int64_t total_q, int64_t total_k, int64_t hq,
-              int64_t hk, int64_t d, int64_t qst, int64_t qsh, int64_t kst, int64_t ksh,
-              int64_t num_seqs, int64_t num_regions, int64_t num_heads) {
-  check_dtype(op, dtype);
-  check_min(op, "total_q", total_q, 0);
-  check_min(op, "total_k", total_k, 0);
-  check_max(op, "total_q", total_q, kInt32Max, "rows are indexed with int32 tables");
-  check_max(op, "total_k", total_k, kInt32Max, "cu_seqlens_k is int32");
-  check_min(op, "hq", hq, 1);
-  check_min(op, "hk", hk, 1);
-  if (hq % hk != 0)
-    fail(op, "hk: number of KV heads (" + std::to_string(hk) +
-                 ") must divide the number of query heads (" + std::to_string(hq) + ")");
-  check_min(op, "head_dim", d, 1);
-  check_max(op, "head_dim", d, kMaxHeadDim, "a warp holds one row of q in registers");
-  check_min(op, "q_stride_t", qst, 0);
-  check_min(op, "q_stride_h", qsh, 0);
-  check_min(op, "k_stride_t", kst, 0);
-  check_min(op, "k_stride_h", ksh, 0);
-  check_min(op, "num_seqs", num_seqs, 1);
-  check_min(op, "num_regions", num_regions, 0);
-  check_min(op, "num_heads", num_heads, 1);
-  check_max(op, "num_heads", num_heads, kGridYMax, "one grid row per head");
+// Per-field checks generated from the op_fields.h tables: counts >= their minimum, strides
+// >= 0, dtype codes, device index. Pointers, flags, reals and streams have no check of their own.
+void check_field(const std::string& op, const char* name, int64_t v, FieldKind kind,
+                 int64_t minimum) {
+  if (kind == FieldKind::Count || kind == FieldKind::Stride) check_min(op, name, v, minimum);
 }
+void check_field(const std::string& op, const char*, int v, FieldKind kind, int64_t) {
+  if (kind == FieldKind::Dtype) check_dtype(op, v);
+  if (kind == FieldKind::Device) check_device(op, v);
+}
+void check_field(const std::string&, const char*, uintptr_t, FieldKind, int64_t) {}
+void check_field(const std::string&, const char*, bool, FieldKind, int64_t) {}
+void check_field(const std::string&, const char*, double, FieldKind, int64_t) {}
 
-}  // namespace
+#define KAWHI_CHECK_FIELD(c_type, name, init, kind, minimum, doc) \
+  check_field(op, #name, a.name, FieldKind::kind, minimum);
 
-void validate(const AttentionMassArgs& a) {
-  const std::string op = "attention_mass";
-  check_qk(op, a.dtype, a.total_q, a.total_k, a.hq, a.hk, a.head_dim, a.q_stride_t, a.q_stride_h,
-           a.k_stride_t, a.k_stride_h, a.num_seqs, a.num_regions, a.num_heads);
-  check_min(op, "num_row_blocks", a.num_row_blocks, 0);
-  check_max(op, "num_row_blocks", a.num_row_blocks, kInt32Max, "one grid column per block");
-  check_min(op, "num_segments", a.num_segments, 0);
-  if (!std::isfinite(a.softmax_scale) || a.softmax_scale <= 0.0)
-    fail(op, "softmax_scale: expected a positive finite number, got " +
-                 std::to_string(a.softmax_scale));
-  if (a.lse != 0) {
-    check_min(op, "lse_stride_h", a.lse_stride_h, 0);
-    check_min(op, "lse_stride_t", a.lse_stride_t, 0);
-  }
-  check_device(op, a.device);
+// Relations between the fields shared by the two q/k ops (after the per-field checks).
+template <typename Args>
+void check_qk(const std::string& op, const Args& a) {
+  check_max(op, "total_q", a.total_q, kInt32Max, "rows are indexed with int32 tables");
+  check_max(op, "total_k", a.total_k, kInt32Max, "cu_seqlens_k is int32");
+  if (a.hq % a.hk != 0)
+    fail(op, "hk: number of KV heads (" + std::to_string(a.hk) +
+                 ") must divide the number of query heads (" + std::to_string(a.hq) + ")");
+  check_max(op, "head_dim", a.head_dim, kMaxHeadDim, "a warp holds one row of q in registers");
+  check_max(op, "num_heads", a.num_heads, kGridYMax, "one grid row per head");
   check_ptr(op, "q", a.q, mul(op, mul(op, a.total_q, a.hq), a.head_dim));
   check_ptr(op, "k", a.k, mul(op, mul(op, a.total_k, a.hk), a.head_dim));
   check_ptr(op, "cu_seqlens_q", a.cu_seqlens_q, a.num_seqs + 1);
   check_ptr(op, "cu_seqlens_k", a.cu_seqlens_k, a.num_seqs + 1);
   check_ptr(op, "key_region", a.key_region, a.total_k);
   check_ptr(op, "heads", a.heads, a.num_heads);
+}
+
+}  // namespace
+
+void validate(const AttentionMassArgs& a) {
+  const std::string op = "attention_mass";
+  KAWHI_ATTENTION_MASS_FIELDS(KAWHI_CHECK_FIELD)
+  check_qk(op, a);
+  check_max(op, "num_row_blocks", a.num_row_blocks, kInt32Max, "one grid column per block");
+  if (!std::isfinite(a.softmax_scale) || a.softmax_scale <= 0.0)
+    fail(op, "softmax_scale: expected a positive finite number, got " +
+                 std::to_string(a.softmax_scale));
   check_ptr(op, "row_blocks", a.row_blocks, mul(op, a.num_row_blocks, 4));
   const int64_t out_rows = a.segmented ? a.num_segments : a.total_q;
   const int64_t row_elems = mul(op, a.num_heads, a.num_regions);
@@ -115,15 +111,8 @@ void validate(const AttentionMassArgs& a) {
 
 void validate(const CosineAlignmentArgs& a) {
   const std::string op = "cosine_alignment";
-  check_qk(op, a.dtype, a.total_q, a.total_k, a.hq, a.hk, a.head_dim, a.q_stride_t, a.q_stride_h,
-           a.k_stride_t, a.k_stride_h, a.num_seqs, a.num_regions, a.num_heads);
-  check_device(op, a.device);
-  check_ptr(op, "q", a.q, mul(op, mul(op, a.total_q, a.hq), a.head_dim));
-  check_ptr(op, "k", a.k, mul(op, mul(op, a.total_k, a.hk), a.head_dim));
-  check_ptr(op, "cu_seqlens_q", a.cu_seqlens_q, a.num_seqs + 1);
-  check_ptr(op, "cu_seqlens_k", a.cu_seqlens_k, a.num_seqs + 1);
-  check_ptr(op, "key_region", a.key_region, a.total_k);
-  check_ptr(op, "heads", a.heads, a.num_heads);
+  KAWHI_COSINE_ALIGNMENT_FIELDS(KAWHI_CHECK_FIELD)
+  check_qk(op, a);
   const int64_t kbar_items = mul(op, mul(op, a.num_seqs, a.num_regions), a.hk);
   check_max(op, "num_seqs * num_regions * hk", kbar_items, kInt32Max, "one thread block each");
   check_ptr(op, "kbar", a.kbar, mul(op, kbar_items, a.head_dim));
@@ -141,11 +130,8 @@ int64_t sguf_shared_bytes(int64_t patch, int64_t radius) {
 
 void validate(const SgufDescriptorArgs& a) {
   const std::string op = "sguf_descriptors";
-  check_min(op, "num_images", a.num_images, 0);
+  KAWHI_SGUF_DESCRIPTOR_FIELDS(KAWHI_CHECK_FIELD)
   check_max(op, "num_images", a.num_images, kGridYMax, "one grid row per image");
-  check_min(op, "grid_h", a.grid_h, 1);
-  check_min(op, "grid_w", a.grid_w, 1);
-  check_min(op, "patch", a.patch, 1);
   check_max(op, "patch", a.patch, 1024, "one thread block per patch");
   check_max(op, "num_images * grid_h * grid_w", mul(op, a.num_images, mul(op, a.grid_h, a.grid_w)),
             kInt32Max, "one thread block per patch");
@@ -153,13 +139,7 @@ void validate(const SgufDescriptorArgs& a) {
     fail(op, "height/width: expected (grid_h * patch) x (grid_w * patch) = " +
                  std::to_string(a.grid_h * a.patch) + " x " + std::to_string(a.grid_w * a.patch) +
                  ", got " + std::to_string(a.height) + " x " + std::to_string(a.width));
-  check_min(op, "radius", a.radius, 0);
   check_max(op, "radius", a.radius, 1024, "Gaussian taps are staged in shared memory");
-  check_min(op, "stride_b", a.stride_b, 0);
-  check_min(op, "stride_y", a.stride_y, 0);
-  check_min(op, "stride_x", a.stride_x, 0);
-  check_min(op, "stride_c", a.stride_c, 0);
-  check_device(op, a.device);
   const int64_t pixels = mul(op, mul(op, a.num_images, a.height), a.width);
   check_ptr(op, "image", a.image, mul(op, pixels, 3));
   check_ptr(op, "lut", a.lut, 3 * 256);
@@ -169,5 +149,7 @@ void validate(const SgufDescriptorArgs& a) {
   check_ptr(op, "lam_min", a.lam_min, n);
   check_ptr(op, "lightness", a.lightness, n);
 }
+
+#undef KAWHI_CHECK_FIELD
 
 }  // namespace kawhi

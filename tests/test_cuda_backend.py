@@ -19,6 +19,7 @@ import torch
 
 from kawhi_kernels._extension import arch_covers, cuda_backend_problem, load_extension
 from kawhi_kernels.cuda import attention_mass_cuda, cosine_alignment_cuda
+from kawhi_kernels.cuda._launch import make_args, op_field_names
 from kawhi_kernels._backend import FUSED_MAX_HEAD_DIM as MAX_HEAD_DIM
 from kawhi_kernels._fused_host import row_blocks, segment_block_lists
 from kawhi_kernels.reference.attention_mass import attention_mass_reference
@@ -59,41 +60,32 @@ FAKE = 1 << 20  # a non-null "device pointer"; host tests never launch with it o
 
 
 def _mass_args(**overrides):
-    a = EXT.AttentionMassArgs()
     fields = dict(q=FAKE, k=FAKE, dtype=0, total_q=10, total_k=12, hq=8, hk=2, head_dim=64,
                   q_stride_t=8 * 64, q_stride_h=64, k_stride_t=2 * 64, k_stride_h=64,
                   cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, num_seqs=2, key_region=FAKE,
                   num_regions=3, heads=FAKE, num_heads=8, row_blocks=FAKE, num_row_blocks=4,
                   causal=True, softmax_scale=0.125, out=FAKE, device=0)
     fields.update(overrides)
-    for name, value in fields.items():
-        setattr(a, name, value)
-    return a
+    return make_args(EXT, "attention_mass", **fields)
 
 
 def _cosine_args(**overrides):
-    a = EXT.CosineAlignmentArgs()
     fields = dict(q=FAKE, k=FAKE, dtype=1, total_q=10, total_k=12, hq=7, hk=1, head_dim=80,
                   q_stride_t=7 * 80, q_stride_h=80, k_stride_t=80, k_stride_h=80,
                   cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, num_seqs=2, key_region=FAKE,
                   num_regions=1, heads=FAKE, num_heads=3, per_head=False, kbar=FAKE, out=FAKE,
                   device=0)
     fields.update(overrides)
-    for name, value in fields.items():
-        setattr(a, name, value)
-    return a
+    return make_args(EXT, "cosine_alignment", **fields)
 
 
 def _sguf_args(**overrides):
-    a = EXT.SgufDescriptorArgs()
     fields = dict(image=FAKE, num_images=2, height=56, width=84, stride_b=56 * 84 * 3,
                   stride_y=84 * 3, stride_x=3, stride_c=1, grid_h=2, grid_w=3, patch=28,
                   lut=FAKE, weights=FAKE, radius=4, lam_max=FAKE, lam_min=FAKE,
                   lightness=FAKE, device=0)
     fields.update(overrides)
-    for name, value in fields.items():
-        setattr(a, name, value)
-    return a
+    return make_args(EXT, "sguf_descriptors", **fields)
 
 
 @needs_cuda_build
@@ -213,6 +205,117 @@ def test_sguf_argument_errors(overrides, message):
         EXT.validate(_sguf_args(**overrides))
     with pytest.raises(ValueError, match=message):
         EXT.sguf_descriptors(_sguf_args(**overrides))
+
+
+# ----------------------------------------------------------------------------- the field table
+
+OPS = {"attention_mass": _mass_args, "cosine_alignment": _cosine_args,
+       "sguf_descriptors": _sguf_args}
+CUDA_WRAPPERS = ROOT / "kawhi_kernels" / "cuda"
+
+
+def _bound_fields(cls) -> list[str]:
+    return [name for name, value in vars(cls).items() if isinstance(value, property)]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_bound_struct_is_the_field_table(op):
+    rows = EXT.op_fields(op)
+    names = [row["name"] for row in rows]
+    assert len(names) == len(set(names)) and names
+    cls = EXT.ARG_TYPES[op]
+    assert _bound_fields(cls) == names           # same fields, same order as op_fields.h
+    fresh = cls()
+    for row in rows:
+        assert row["kind"] in {"pointer", "count", "stride", "flag", "real", "dtype", "stream",
+                               "device"}, row
+        value = getattr(fresh, row["name"])
+        expected_type = {"uintptr_t": int, "int64_t": int, "int": int, "bool": bool,
+                         "double": float}[row["c_type"]]
+        assert type(value) is expected_type, row
+        if row["kind"] == "pointer":
+            assert value == 0, row
+        assert getattr(cls, row["name"]).__doc__ and row["doc"], row
+
+
+def _wrapper_field_names() -> dict[str, set[str]]:
+    """Keyword names the CUDA wrappers pass as struct fields: make_args(ext, "op", ...) calls,
+    and the dict(...) / fields.update(...) calls of the mapping they unpack into it."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted(CUDA_WRAPPERS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call)]
+            op = None
+            extra: set[str] = set()
+            for call in calls:
+                if isinstance(call.func, ast.Name) and call.func.id == "make_args":
+                    op = call.args[1].value
+                    extra |= {kw.arg for kw in call.keywords if kw.arg}
+                    unpacked = [kw.value.id for kw in call.keywords
+                                if kw.arg is None and isinstance(kw.value, ast.Name)]
+                    for assign in [n for n in ast.walk(fn) if isinstance(n, ast.Assign)]:
+                        if (isinstance(assign.value, ast.Call) and isinstance(assign.value.func, ast.Name)
+                                and assign.value.func.id == "dict"
+                                and any(isinstance(t, ast.Name) and t.id in unpacked
+                                        for t in assign.targets)):
+                            extra |= {kw.arg for kw in assign.value.keywords}
+                    for other in calls:
+                        if (isinstance(other.func, ast.Attribute) and other.func.attr == "update"
+                                and isinstance(other.func.value, ast.Name)
+                                and other.func.value.id in unpacked):
+                            extra |= {kw.arg for kw in other.keywords}
+            if op is not None:
+                found.setdefault(op, set()).update(extra)
+    return found
+
+
+@needs_cuda_build
+def test_python_wrappers_and_the_cpp_field_table_agree():
+    passed = _wrapper_field_names()
+    assert set(passed) == set(OPS)               # every op is launched through make_args
+    for op, names in passed.items():
+        table = EXT.op_fields(op)
+        unknown = names - set(op_field_names(EXT, op))
+        assert not unknown, f"{op}: wrapper passes fields missing from csrc/op_fields.h: {unknown}"
+        # every field a launch needs (no usable initial value) is passed by the wrapper
+        required = {row["name"] for row in table
+                    if row["kind"] in ("pointer", "count", "stride", "dtype", "device", "stream")
+                    and getattr(EXT.ARG_TYPES[op](), row["name"]) in (-1,)}
+        assert required <= names, f"{op}: wrapper never sets {required - names}"
+
+
+@needs_cuda_build
+def test_make_args_rejects_a_field_outside_the_table():
+    with pytest.raises(TypeError, match=r"attention_mass: \['q_strides'\] are not fields"):
+        make_args(EXT, "attention_mass", q_strides=3)
+    with pytest.raises(ValueError, match="op: expected 'attention_mass'"):
+        EXT.op_fields("attention")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_per_field_checks_follow_the_table(op):
+    """Every count/stride/dtype/device row of the table is checked by validate(), with the
+    minimum the table states: the checks are generated from the same list."""
+    checked = 0
+    for row in EXT.op_fields(op):
+        name, kind = row["name"], row["kind"]
+        if kind in ("count", "stride"):
+            bad, message = row["minimum"] - 1, rf"{op}: {name}: expected an integer >= {row['minimum']}"
+        elif kind == "dtype":
+            bad, message = 9, rf"{op}: {name}: expected a dtype code"
+        elif kind == "device":
+            bad, message = -1, rf"{op}: {name}: expected a CUDA device index >= 0"
+        else:
+            continue
+        with pytest.raises(ValueError, match=message):
+            EXT.validate(OPS[op](**{name: bad}))
+        checked += 1
+    assert checked >= 10
 
 
 @needs_cuda_build

@@ -47,3 +47,26 @@ def stream_handle(device: torch.device) -> int:
 def ptr(x: torch.Tensor | None) -> int:
     """Device address of a tensor's first element (0 for None)."""
     return 0 if x is None else int(x.data_ptr())
+
+
+def op_field_names(ext: ModuleType, op: str) -> tuple[str, ...]:
+    """Field names of ``op``'s argument struct, read from the extension (csrc/op_fields.h)."""
+    return tuple(row["name"] for row in ext.op_fields(op))
+
+
+def make_args(ext: ModuleType, op: str, **values):
+    """``op``'s argument struct (``ext.ARG_TYPES[op]``) with the given fields set by name.
+
+    Fields not given keep their C++ initial values (0 pointers, -1 sizes, documented defaults);
+    the launcher's validation rejects the ones a launch needs. A name that is not in the
+    extension's field table is a TypeError (a wrapper out of step with csrc/op_fields.h).
+    """
+    names = op_field_names(ext, op)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise TypeError(f"{op}: {unknown} are not fields of {op}'s argument struct "
+                        f"(csrc/op_fields.h lists {list(names)})")
+    args = ext.ARG_TYPES[op]()
+    for name, value in values.items():
+        setattr(args, name, value)
+    return args

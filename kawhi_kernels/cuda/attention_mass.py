@@ -17,7 +17,8 @@ import torch
 
 from .._backend import check_head_dim
 from .._fused_host import last_dim_contiguous, row_blocks, segment_block_lists
-from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
+from ._launch import (device_index, dtype_code, extension_for, int32_on, make_args, ptr,
+                      stream_handle)
 
 # Default rows per block: small blocks give many warps; with deterministic segment sums every
 # block owns a partial output row, so larger blocks keep that buffer small.
@@ -84,28 +85,26 @@ def attention_mass_cuda(
             int32_on(key_region, device), torch.tensor(heads, dtype=torch.int32, device=device),
             blocks.to(device)]
     cu_q, cu_k, region, head_tab, block_tab = keep
-    a = ext.AttentionMassArgs()
-    a.q, a.k, a.dtype = ptr(q), ptr(k), code
-    a.total_q, a.total_k, a.hq, a.hk, a.head_dim = q.shape[0], k.shape[0], hq, hk, d
-    a.q_stride_t, a.q_stride_h = q.stride(0), q.stride(1)
-    a.k_stride_t, a.k_stride_h = k.stride(0), k.stride(1)
-    a.cu_seqlens_q, a.cu_seqlens_k, a.num_seqs = ptr(cu_q), ptr(cu_k), cu_q.numel() - 1
-    a.key_region, a.num_regions = ptr(region), num_regions
-    a.heads, a.num_heads = ptr(head_tab), len(heads)
-    a.row_blocks, a.num_row_blocks = ptr(block_tab), block_tab.shape[0]
+    fields = dict(
+        q=ptr(q), k=ptr(k), dtype=code, total_q=q.shape[0], total_k=k.shape[0], hq=hq, hk=hk,
+        head_dim=d, q_stride_t=q.stride(0), q_stride_h=q.stride(1), k_stride_t=k.stride(0),
+        k_stride_h=k.stride(1), cu_seqlens_q=ptr(cu_q), cu_seqlens_k=ptr(cu_k),
+        num_seqs=cu_q.numel() - 1, key_region=ptr(region), num_regions=num_regions,
+        heads=ptr(head_tab), num_heads=len(heads), row_blocks=ptr(block_tab),
+        num_row_blocks=block_tab.shape[0], causal=bool(causal), softmax_scale=float(scale),
+        segmented=segmented, num_segments=num_segments if segmented else 0,
+        deterministic=bool(deterministic), out=ptr(out), stream=stream_handle(device),
+        device=device_index(device))
     if lse is not None:
-        a.lse, a.lse_stride_h, a.lse_stride_t = ptr(lse), lse.stride(0), lse.stride(1)
-    a.causal, a.softmax_scale = bool(causal), float(scale)
-    a.segmented, a.num_segments = segmented, num_segments if segmented else 0
-    a.deterministic = bool(deterministic)
-    a.out = ptr(out)
+        fields.update(lse=ptr(lse), lse_stride_h=lse.stride(0), lse_stride_t=lse.stride(1))
     if partial:
         start, order = segment_block_lists(blocks, num_segments)
         scratch = torch.empty(block_tab.shape[0], len(heads), num_regions, dtype=torch.float32,
                               device=device)
         keep += [start.to(device), order.to(device), scratch]
-        a.segment_block_start, a.segment_blocks, a.partial = ptr(keep[-3]), ptr(keep[-2]), ptr(scratch)
-    a.stream, a.device = stream_handle(device), device_index(device)
+        fields.update(segment_block_start=ptr(keep[-3]), segment_blocks=ptr(keep[-2]),
+                      partial=ptr(scratch))
+    a = make_args(ext, "attention_mass", **fields)
     ext.attention_mass(a)
     # Temporaries in `keep` are freed after the launch was queued on the current stream: torch's
     # caching allocator only hands their memory to later work on that same stream.

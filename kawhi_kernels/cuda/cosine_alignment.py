@@ -11,7 +11,8 @@ import torch
 
 from .._backend import check_head_dim
 from .._fused_host import last_dim_contiguous
-from ._launch import device_index, dtype_code, extension_for, int32_on, ptr, stream_handle
+from ._launch import (device_index, dtype_code, extension_for, int32_on, make_args, ptr,
+                      stream_handle)
 
 
 def cosine_alignment_cuda(
@@ -58,16 +59,14 @@ def cosine_alignment_cuda(
     keep = [int32_on(cu_seqlens_q, device), int32_on(cu_seqlens_k, device),
             int32_on(key_region, device), torch.tensor(heads, dtype=torch.int32, device=device)]
     cu_q, cu_k, region, head_tab = keep
-    a = ext.CosineAlignmentArgs()
-    a.q, a.k, a.dtype = ptr(q), ptr(k), code
-    a.total_q, a.total_k, a.hq, a.hk, a.head_dim = q.shape[0], k.shape[0], hq, hk, d
-    a.q_stride_t, a.q_stride_h = q.stride(0), q.stride(1)
-    a.k_stride_t, a.k_stride_h = k.stride(0), k.stride(1)
-    a.cu_seqlens_q, a.cu_seqlens_k, a.num_seqs = ptr(cu_q), ptr(cu_k), num_seqs
-    a.key_region, a.num_regions = ptr(region), num_regions
-    a.heads, a.num_heads, a.per_head = ptr(head_tab), len(heads), bool(per_head)
-    a.kbar, a.out = ptr(kbar), ptr(out)
-    a.stream, a.device = stream_handle(device), device_index(device)
+    a = make_args(
+        ext, "cosine_alignment", q=ptr(q), k=ptr(k), dtype=code, total_q=q.shape[0],
+        total_k=k.shape[0], hq=hq, hk=hk, head_dim=d, q_stride_t=q.stride(0),
+        q_stride_h=q.stride(1), k_stride_t=k.stride(0), k_stride_h=k.stride(1),
+        cu_seqlens_q=ptr(cu_q), cu_seqlens_k=ptr(cu_k), num_seqs=num_seqs,
+        key_region=ptr(region), num_regions=num_regions, heads=ptr(head_tab),
+        num_heads=len(heads), per_head=bool(per_head), kbar=ptr(kbar), out=ptr(out),
+        stream=stream_handle(device), device=device_index(device))
     ext.cosine_alignment(a)
     del keep, kbar  # stream-ordered reuse only (see attention_mass_cuda)
     return out

@@ -12,7 +12,7 @@ import torch
 
 from .._validation import check_real
 from ..regions.descriptors import check_grid_hw, check_image, gaussian_kernel1d, luminance_tables, patch_size
-from ._launch import device_index, extension_for, ptr, stream_handle
+from ._launch import device_index, extension_for, make_args, ptr, stream_handle
 
 
 def patch_descriptors_cuda(image, grid_hw, sigma: float = 1.0):
@@ -40,13 +40,15 @@ def patch_descriptors_cuda(image, grid_hw, sigma: float = 1.0):
     outs = [torch.empty(num_images, gh * gw, dtype=torch.float32, device=device) for _ in range(3)]
     weights = gaussian_kernel1d(sigma).to(device=device, dtype=torch.float32)
     luts = luminance_tables(device, torch.float32)
-    a = ext.SgufDescriptorArgs()
-    a.image, a.num_images, a.height, a.width = ptr(images), num_images, images.shape[1], images.shape[2]
-    a.stride_b, a.stride_y, a.stride_x, a.stride_c = images.stride()
-    a.grid_h, a.grid_w, a.patch = gh, gw, patch
-    a.lut, a.weights, a.radius = ptr(luts), ptr(weights), (weights.numel() - 1) // 2
-    a.lam_max, a.lam_min, a.lightness = (ptr(o) for o in outs)
-    a.stream, a.device = stream_handle(device), device_index(device)
+    stride_b, stride_y, stride_x, stride_c = images.stride()
+    lam_max, lam_min, lightness = (ptr(o) for o in outs)
+    a = make_args(
+        ext, "sguf_descriptors", image=ptr(images), num_images=num_images,
+        height=images.shape[1], width=images.shape[2], stride_b=stride_b, stride_y=stride_y,
+        stride_x=stride_x, stride_c=stride_c, grid_h=gh, grid_w=gw, patch=patch, lut=ptr(luts),
+        weights=ptr(weights), radius=(weights.numel() - 1) // 2, lam_max=lam_max,
+        lam_min=lam_min, lightness=lightness, stream=stream_handle(device),
+        device=device_index(device))
     ext.sguf_descriptors(a)
     del weights, luts  # stream-ordered reuse only (see attention_mass_cuda)
     return tuple(o if batched else o[0] for o in outs)
