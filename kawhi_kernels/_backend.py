@@ -98,6 +98,10 @@ def resolve_backend(backend: str, device: torch.device, op_name: str,
     triton_limit = limits["triton"][0]
     too_wide = head_dim is not None and head_dim > triton_limit
     if backend == "auto":
+        # Rule for 'cuda': auto never picks it until GPU timings measured next to Triton (same
+        # run, benchmarks/results/) show a shape class where it wins; then that class, and its
+        # data, are written here. None exist yet (csrc/ has not run on a GPU), so auto is
+        # Triton on CUDA devices and the reference elsewhere; backend='cuda' must be asked for.
         if (device.type == "cuda" and "triton" in implemented and not too_wide
                 and triton_unavailable_reason(device) is None):
             return "triton"

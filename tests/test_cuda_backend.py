@@ -784,3 +784,17 @@ def test_gpu_backend_is_usable_where_torch_sees_a_gpu():
     assert EXT.cuda_device_count() == torch.cuda.device_count()
     major, minor = torch.cuda.get_device_capability()
     assert EXT.cuda_device_capability(torch.cuda.current_device()) == major * 10 + minor
+
+
+@pytest.mark.parametrize("implemented", [("torch", "cuda"), ("torch", "triton", "cuda")])
+def test_auto_never_picks_cuda_without_gpu_timing_data(monkeypatch, implemented):
+    # Even where the CUDA backend could run, `auto` stays off it (rule next to resolve_backend).
+    from kawhi_kernels import _backend
+
+    monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(_backend, "triton_unavailable_reason", lambda device: None)
+    got = _backend.resolve_backend("auto", torch.device("cuda", 0), "attention_mass", implemented,
+                                   head_dim=128)
+    assert got == ("triton" if "triton" in implemented else "torch")
+    assert _backend.resolve_backend("cuda", torch.device("cuda", 0), "attention_mass",
+                                    implemented) == "cuda"
