@@ -1,4 +1,7 @@
 // attention_mass: softmax probability mass of query rows on key regions (see ops.h).
+// This file: the launcher, and the warp-per-row kernel that serves fp32 inputs, deterministic
+// segment sums and head dims the tensor-core kernel (attention_mass_mma.cu, slots_per_cta > 0)
+// does not take.
 //
 // One warp per (row block, output slot); a thread block holds kMassWarps warps of consecutive row
 // blocks for one slot (independent warps, no shared memory: one-warp blocks would cap occupancy
@@ -166,6 +169,9 @@ constexpr int64_t kMaxReduceBlocks = 65535;
 
 }  // namespace
 
+// The tensor-core kernel (attention_mass_mma.cu), chosen by slots_per_cta > 0.
+void launch_attention_mass_mma(const AttentionMassArgs& a, cudaStream_t stream);
+
 void launch_attention_mass(const AttentionMassArgs& a) {
   validate(a);
   DeviceGuard guard(a.device, "attention_mass (select device)");
@@ -180,6 +186,10 @@ void launch_attention_mass(const AttentionMassArgs& a) {
                      "attention_mass (zero out)");
   }
   if (row_elems == 0 || out_rows == 0 || a.num_row_blocks == 0) return;
+  if (a.slots_per_cta > 0) {  // fp16/bf16, head_dim % 16 == 0, not deterministic (validated)
+    launch_attention_mass_mma(a, stream);
+    return;
+  }
 
   MassKernelParams p{};
   p.q = reinterpret_cast<const void*>(a.q);

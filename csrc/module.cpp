@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "mma_layout.h"
 #include "ops.h"
 #include "union_find.h"
 #ifdef KAWHI_WITH_CUDA
@@ -226,6 +227,27 @@ void bind_op_args(py::module_& m) {
 
 }  // namespace
 
+// The tensor-core kernel's index math (mma_layout.h), for host-side tests.
+void bind_mma_layout(py::module_& m) {
+  namespace mma = kawhi::mma;
+  auto pair = [](mma::RowCol rc) { return py::make_tuple(rc.row, rc.col); };
+  py::module_ s = m.def_submodule(
+      "mma_layout", "Index math of the tensor-core attention_mass kernel (csrc/mma_layout.h).");
+  s.def("c_coord", [pair](int lane, int i) { return pair(mma::c_coord(lane, i)); });
+  s.def("a_coord", [pair](int lane, int r, int h) { return pair(mma::a_coord(lane, r, h)); });
+  s.def("b_coord", [pair](int lane, int r, int h) { return pair(mma::b_coord(lane, r, h)); });
+  s.def("ldmatrix_k_source", [pair](int lane) { return pair(mma::ldmatrix_k_source(lane)); });
+  s.def("ldmatrix_fragment", [pair](int lane, int h) { return pair(mma::ldmatrix_fragment(lane, h)); });
+  s.def("swizzle_chunk", &mma::swizzle_chunk);
+  s.def("visible_keys", &mma::visible_keys);
+  s.def("key_tiles_needed", &mma::key_tiles_needed);
+  s.def("warp_assignment", [pair](int warp, int spc) { return pair(mma::warp_assignment(warp, spc)); });
+  s.def("block_rows_for", &mma::block_rows_for);
+  s.attr("TILE_KEYS") = mma::kTileKeys;
+  s.attr("WARP_ROWS") = mma::kWarpRows;
+  s.attr("WARPS") = mma::kWarps;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kawhi_kernels native extension (C++/CUDA, independent of torch's C++ ABI)";
 
@@ -257,4 +279,5 @@ Neighbours p, q merge iff sqrt(dmax^2 + dmin^2) / max(lam_max_p, lam_max_q, eps)
         "Compute capability of a device as major * 10 + minor (e.g. 90); RuntimeError on failure.");
 #endif
   bind_op_args(m);
+  bind_mma_layout(m);
 }

@@ -49,6 +49,11 @@
   X(uintptr_t, partial, 0, Pointer, 0, "fp32 [num_row_blocks, num_heads, num_regions] scratch") \
   X(uintptr_t, segment_block_start, 0, Pointer, 0, "int32 [num_segments + 1] CSR starts")     \
   X(uintptr_t, segment_blocks, 0, Pointer, 0, "int32 [num_row_blocks] CSR block lists")       \
+  X(int64_t, slots_per_cta, 0, Count, 0,                                                        \
+    "0: warp-per-row kernel; 1, 2 or 4: tensor-core kernel with that many slots per CTA")     \
+  X(uintptr_t, slot_groups, 0, Pointer, 0,                                                      \
+    "int32 [num_slot_groups, slots_per_cta]: slots sharing one KV head, -1 padded")           \
+  X(int64_t, num_slot_groups, 0, Count, 0, "rows of slot_groups (tensor-core kernel)")        \
   X(uintptr_t, stream, 0, Stream, 0, "cudaStream_t as an integer")                            \
   X(int, device, -1, Device, 0, "CUDA device index the pointers live on")
 

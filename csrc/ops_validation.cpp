@@ -88,6 +88,30 @@ void check_qk(const std::string& op, const Args& a) {
   check_ptr(op, "heads", a.heads, a.num_heads);
 }
 
+// What the tensor-core attention_mass kernel (attention_mass_mma.cu) takes; the Python wrapper
+// chooses it only then (kawhi_kernels/cuda/attention_mass.py: tensor_core_slots).
+void validate_tensor_core_path(const std::string& op, const AttentionMassArgs& a) {
+  if (a.slots_per_cta != 1 && a.slots_per_cta != 2 && a.slots_per_cta != 4)
+    fail(op, "slots_per_cta: expected 0, 1, 2 or 4, got " + std::to_string(a.slots_per_cta));
+  if (a.dtype != kFloat16 && a.dtype != kBFloat16)
+    fail(op, "dtype: the tensor-core kernel (slots_per_cta > 0) reads float16 or bfloat16, got "
+             "code " + std::to_string(a.dtype));
+  if (a.head_dim % 16 != 0)
+    fail(op, "head_dim: the tensor-core kernel needs a multiple of 16, got " +
+                 std::to_string(a.head_dim));
+  if (a.deterministic)
+    fail(op, "deterministic: the tensor-core kernel accumulates with atomics; use "
+             "slots_per_cta = 0 for deterministic sums");
+  if (a.q % 16 != 0 || a.k % 16 != 0)
+    fail(op, "q/k: the tensor-core kernel needs 16-byte aligned q and k (cp.async)");
+  if (a.q_stride_t % 8 || a.q_stride_h % 8 || a.k_stride_t % 8 || a.k_stride_h % 8)
+    fail(op, "q_stride_t/q_stride_h/k_stride_t/k_stride_h: the tensor-core kernel needs "
+             "strides that are multiples of 8 elements (16-byte rows)");
+  check_min(op, "num_slot_groups", a.num_slot_groups, 1);
+  check_max(op, "num_slot_groups", a.num_slot_groups, kGridYMax, "one grid row per group");
+  check_ptr(op, "slot_groups", a.slot_groups, mul(op, a.num_slot_groups, a.slots_per_cta));
+}
+
 }  // namespace
 
 void validate(const AttentionMassArgs& a) {
@@ -107,6 +131,7 @@ void validate(const AttentionMassArgs& a) {
     check_ptr(op, "segment_block_start", a.segment_block_start, a.num_segments + 1);
     check_ptr(op, "segment_blocks", a.segment_blocks, a.num_row_blocks);
   }
+  if (a.slots_per_cta != 0) validate_tensor_core_path(op, a);
 }
 
 void validate(const CosineAlignmentArgs& a) {

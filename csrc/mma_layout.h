@@ -1,0 +1,99 @@
+// Index math of the tensor-core attention_mass kernel (attention_mass_mma.cu), kept apart from
+// the kernel as constexpr host/device functions so that tests can check it on a CPU
+// (module.cpp exposes them as _C.mma_layout_*; tests/test_cuda_backend.py).
+//
+// Conventions (PTX ISA, mma.sync.aligned.m16n8k16 with .f16/.bf16 inputs and .f32 accumulators;
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16):
+//   lane l of a warp has group g = l / 4 and thread-in-group t = l % 4;
+//   A (16 x 16, row major) regs a0..a3 hold two consecutive columns each:
+//       a0 (g, 2t..2t+1), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..);
+//   B (16 x 8, "col": k x n) regs b0, b1: b0 (k = 2t..2t+1, n = g), b1 (k = 2t + 8.., n = g);
+//   C/D (16 x 8 fp32) c0..c3: c0, c1 (g, 2t + {0, 1}), c2, c3 (g + 8, 2t + {0, 1});
+//   ldmatrix x4: lane l supplies the address of row l % 8 of matrix l / 8 and receives, in
+//       reg j, the two elements (row g, cols 2t, 2t + 1) of matrix j.
+// Pure C++ (no CUDA headers): the host compiler builds it into the module's test helpers.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define KAWHI_HD __host__ __device__ __forceinline__
+#else
+#define KAWHI_HD inline
+#endif
+
+namespace kawhi {
+namespace mma {
+
+constexpr int kWarpThreads = 32;
+constexpr int kTileKeys = 64;     // keys per K tile (8 n-tiles of 8 per warp)
+constexpr int kWarpRows = 16;     // M rows per warp (one m16 tile)
+constexpr int kWarps = 4;         // warps per CTA
+constexpr int kChunkHalves = 8;   // 16-byte chunk of a shared-memory K row, in 16-bit elements
+
+struct RowCol {
+  int row;
+  int col;
+};
+
+// Accumulator element i (0..3) of lane -> (row 0..15, col 0..7) of the 16 x 8 C tile.
+KAWHI_HD constexpr RowCol c_coord(int lane, int i) {
+  return RowCol{lane / 4 + (i / 2) * 8, (lane % 4) * 2 + (i % 2)};
+}
+
+// A register r (0..3), half h (0..1) of lane -> (row 0..15, col 0..15) of the 16 x 16 A tile.
+KAWHI_HD constexpr RowCol a_coord(int lane, int r, int h) {
+  return RowCol{lane / 4 + (r % 2) * 8, (lane % 4) * 2 + h + (r / 2) * 8};
+}
+
+// B register r (0..1), half h of lane -> (k 0..15 as row, n 0..7 as col) of the 16 x 8 B tile.
+KAWHI_HD constexpr RowCol b_coord(int lane, int r, int h) {
+  return RowCol{(lane % 4) * 2 + h + r * 8, lane / 4};
+}
+
+// ldmatrix x4 on a K tile stored [key][d]: the (key, 16-byte chunk) offsets, relative to the
+// 16-key x 16-d block at (n0, k0), whose row lane `lane` addresses. Matrices: 0 (keys 0..7,
+// d 0..7), 1 (keys 0..7, d 8..15), 2 (keys 8..15, d 0..7), 3 (keys 8..15, d 8..15), so regs
+// 0, 1 are b0, b1 of the n-tile of keys n0..n0+7 and regs 2, 3 those of keys n0+8..n0+15.
+KAWHI_HD constexpr RowCol ldmatrix_k_source(int lane) {
+  return RowCol{(lane % 8) + ((lane / 8) / 2) * 8, (lane / 8) % 2};
+}
+
+// Element (row, col) of the 8 x 8 matrix j that lane receives in half h of reg j (ldmatrix).
+KAWHI_HD constexpr RowCol ldmatrix_fragment(int lane, int h) {
+  return RowCol{lane / 4, (lane % 4) * 2 + h};
+}
+
+// Physical 16-byte chunk of logical chunk `chunk` in shared-memory K row `row`: XOR with the row
+// mod 8 inside aligned groups of 8 chunks, so the 8 rows one ldmatrix matrix reads hit 8
+// different 16-byte bank groups. A bijection on [0, row_chunks) when row_chunks % 8 == 0 (the
+// kernel pads rows to 128 or 256 elements).
+KAWHI_HD constexpr int swizzle_chunk(int row, int chunk) { return chunk ^ (row % 8); }
+
+// Keys [0, limit) of its sequence are visible to local query row `local` (bottom-right causal:
+// key j <= local + lk - lq); limit <= 0 means none.
+KAWHI_HD constexpr int64_t visible_keys(int64_t local, int64_t lq, int64_t lk, bool causal) {
+  return (!causal || local + lk - lq + 1 >= lk) ? lk : local + lk - lq + 1;
+}
+
+// K tiles a row block with local rows [first, first + rows) reads: the keys visible to its
+// last row (the largest limit), in tiles of kTileKeys. 0 when no row sees a key.
+KAWHI_HD constexpr int64_t key_tiles_needed(int64_t first, int64_t rows, int64_t lq, int64_t lk,
+                                            bool causal) {
+  const int64_t limit = visible_keys(first + rows - 1, lq, lk, causal);
+  return limit <= 0 ? 0 : (limit + kTileKeys - 1) / kTileKeys;
+}
+
+// Warp w of a CTA serving `slots_per_cta` output slots (1, 2 or 4): its slot index in the CTA's
+// group and its 16-row sub-block of the CTA's row block (kWarps / slots_per_cta sub-blocks).
+KAWHI_HD constexpr RowCol warp_assignment(int warp, int slots_per_cta) {
+  return RowCol{warp / (kWarps / slots_per_cta), warp % (kWarps / slots_per_cta)};
+}
+
+// Rows of a CTA's row block for `slots_per_cta` slots.
+KAWHI_HD constexpr int block_rows_for(int slots_per_cta) {
+  return kWarpRows * (kWarps / slots_per_cta);
+}
+
+}  // namespace mma
+}  // namespace kawhi
