@@ -519,6 +519,147 @@ def test_row_blocks_rejects_bad_block_rows():
         row_blocks(cu, cu, 0)
 
 
+# ----------------------------------------------------------------------------- tensor-core layout
+# The index math of csrc/mma_layout.h (used by csrc/attention_mass_mma.cu), checked on the host.
+
+def _layout():
+    ext = load_extension()
+    if ext is None:
+        pytest.skip("kawhi_kernels._C is not importable")
+    return ext.mma_layout
+
+
+def test_mma_accumulator_fragment_covers_the_c_tile_once():
+    L = _layout()
+    cells = [L.c_coord(lane, i) for lane in range(32) for i in range(4)]
+    assert sorted(cells) == [(r, c) for r in range(16) for c in range(8)]
+    # The online softmax reduces a row over the 4 lanes of a quad: a row's 8 values live in
+    # lanes 4g..4g+3 only, and element pairs (0, 1) / (2, 3) are adjacent columns.
+    for lane in range(32):
+        rows = {L.c_coord(lane, i)[0] for i in range(4)}
+        assert rows == {lane // 4, lane // 4 + 8}
+        assert L.c_coord(lane, 1)[1] == L.c_coord(lane, 0)[1] + 1
+        assert L.c_coord(lane, 3) == (L.c_coord(lane, 1)[0] + 8, L.c_coord(lane, 1)[1])
+
+
+def test_mma_operand_fragments_cover_their_tiles_once():
+    L = _layout()
+    a = [L.a_coord(lane, r, h) for lane in range(32) for r in range(4) for h in range(2)]
+    assert sorted(a) == [(r, c) for r in range(16) for c in range(16)]
+    b = [L.b_coord(lane, r, h) for lane in range(32) for r in range(2) for h in range(2)]
+    assert sorted(b) == [(k, n) for k in range(16) for n in range(8)]
+    # A register halves are consecutive columns: the kernel loads each register as one 32-bit word
+    for lane in range(32):
+        for r in range(4):
+            row, col = L.a_coord(lane, r, 0)
+            assert L.a_coord(lane, r, 1) == (row, col + 1) and col % 2 == 0
+
+
+def test_ldmatrix_on_k_rows_delivers_the_mma_b_fragments():
+    """ldmatrix.x4 on the [key][d] K tile: the element a lane receives in reg j, half h is the
+    one mma.sync expects there (regs 0, 1: b0, b1 of keys 0..7; regs 2, 3: of keys 8..15)."""
+    L = _layout()
+    # row addresses: matrix j row i is supplied by lane 8j + i
+    source = {lane: L.ldmatrix_k_source(lane) for lane in range(32)}
+    assert sorted(source.values()) == [(key, c) for key in range(16) for c in range(2)]
+    for lane in range(32):
+        for j in range(4):
+            for h in range(2):
+                row, col = L.ldmatrix_fragment(lane, h)       # inside matrix j
+                key, chunk = source[8 * j + row]
+                d = chunk * 8 + col
+                ntile, breg = j // 2, j % 2
+                k_index, n_index = L.b_coord(lane, breg, h)
+                assert (key, d) == (ntile * 8 + n_index, k_index), (lane, j, h)
+
+
+@pytest.mark.parametrize("row_chunks", [16, 32])
+def test_swizzle_is_a_bijection_and_spreads_ldmatrix_rows_over_banks(row_chunks):
+    L = _layout()
+    for row in range(64):
+        phys = [L.swizzle_chunk(row, c) for c in range(row_chunks)]
+        assert sorted(phys) == list(range(row_chunks))
+    # 8 consecutive rows reading the same logical chunk hit 8 different 16-byte bank groups
+    # (a row is a multiple of 128 bytes, so the bank group is the chunk index mod 8).
+    for first in range(0, 64, 8):
+        for c in range(row_chunks):
+            assert len({L.swizzle_chunk(r, c) % 8 for r in range(first, first + 8)}) == 8
+
+
+def test_visible_keys_and_tile_skipping_match_the_reference_mask():
+    L = _layout()
+    for lq, lk in [(5, 9), (10, 4), (37, 30), (1, 1), (70, 150), (3, 0), (200, 200)]:
+        for causal in (True, False):
+            vis = torch.ones(lq, lk, dtype=torch.bool)
+            if causal:
+                vis = vis.tril(lk - lq)           # the reference's bottom-right mask
+            limits = [L.visible_keys(i, lq, lk, causal) for i in range(lq)]
+            for i in range(lq):
+                want = int(vis[i].sum())
+                assert max(limits[i], 0) == want
+                if want:
+                    assert bool(vis[i, :want].all())
+            for first in range(lq):
+                for rows in (1, 16, 64):
+                    rows = min(rows, lq - first)
+                    need = int(vis[first:first + rows].any(0).nonzero().max()) + 1 if \
+                        vis[first:first + rows].any() else 0
+                    tiles = L.key_tiles_needed(first, rows, lq, lk, causal)
+                    assert tiles == -(-need // L.TILE_KEYS)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_warp_assignment_tiles_the_cta(slots):
+    L = _layout()
+    rows = L.block_rows_for(slots)
+    assert rows * slots == L.WARPS * L.WARP_ROWS          # M = 64 in every mode
+    cover = sorted(L.warp_assignment(w, slots) for w in range(L.WARPS))
+    assert cover == [(s, b) for s in range(slots) for b in range(rows // L.WARP_ROWS)]
+
+
+def test_tensor_core_dispatch_rule():
+    from kawhi_kernels.cuda.attention_mass import slot_groups, tensor_core_slots
+
+    q = torch.zeros(10, 28, 128, dtype=torch.bfloat16)
+    k = torch.zeros(12, 4, 128, dtype=torch.bfloat16)
+    heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
+    assert tensor_core_slots(q, k, heads, 28, 4, False, None) == 4
+    assert tensor_core_slots(q, k, heads, 28, 4, True, None) == 0        # deterministic
+    assert tensor_core_slots(q, k, heads, 28, 4, False, 8) == 0          # explicit block_rows
+    assert tensor_core_slots(q.float(), k.float(), heads, 28, 4, False, None) == 0
+    assert tensor_core_slots(q[..., :40], k[..., :40], heads, 28, 4, False, None) == 0
+    assert tensor_core_slots(q[..., :80], k[..., :80], [0, 7], 28, 4, False, None) == 1
+    mha_q, mha_k = torch.zeros(3, 4, 64, dtype=torch.float16), torch.zeros(3, 4, 64, dtype=torch.float16)
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 4, False, None) == 1
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 2, False, None) == 2
+    groups = slot_groups(heads, 28, 4, 4)
+    assert groups.tolist() == [[0, 1, 2, -1], [3, 4, 5, 6], [7, 8, -1, -1]]
+    # every slot appears once, and a group's slots share one KV head
+    flat = [s for s in groups.flatten().tolist() if s >= 0]
+    assert sorted(flat) == list(range(len(heads)))
+    for row in groups.tolist():
+        assert len({heads[s] // 7 for s in row if s >= 0}) == 1
+
+
+@needs_cuda_build
+def test_tensor_core_path_argument_errors():
+    ok = dict(dtype=1, slots_per_cta=4, slot_groups=FAKE, num_slot_groups=2)
+    EXT.validate(_mass_args(**ok))
+    for overrides, message in [
+        (dict(slots_per_cta=3), r"slots_per_cta: expected 0, 1, 2 or 4, got 3"),
+        (dict(dtype=0), r"dtype: the tensor-core kernel .* float16 or bfloat16"),
+        (dict(head_dim=72, q_stride_t=8 * 72, q_stride_h=72, k_stride_t=2 * 72, k_stride_h=72),
+         r"head_dim: the tensor-core kernel needs a multiple of 16, got 72"),
+        (dict(deterministic=True), r"deterministic: the tensor-core kernel accumulates"),
+        (dict(q=FAKE + 2), r"q/k: the tensor-core kernel needs 16-byte aligned"),
+        (dict(k_stride_t=2 * 64 + 4), r"strides that are multiples of 8"),
+        (dict(num_slot_groups=0), r"num_slot_groups: expected an integer >= 1"),
+        (dict(slot_groups=0), r"slot_groups: null device pointer for an array of 8 elements"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EXT.validate(_mass_args(**{**ok, **overrides}))
+
+
 # ============================================================================== GPU tests
 
 def _cu(lengths, device):
@@ -632,6 +773,67 @@ def test_gpu_attention_mass_matches_reference(hq, hk, d, dtype, regions, num_reg
         again = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, deterministic=True,
                                     **kwargs)
         assert torch.equal(got, again), "deterministic=True must give identical bits"
+
+
+# Tensor-core kernel (fp16/bf16, head dim % 16 == 0, not deterministic):
+# (hq, hk, d, dtype, regions, R, segments, heads, causal, with_lse)
+MMA_CASES = [
+    (4, 4, 64, torch.float16, "coarse", 5, None, None, True, False),       # MHA: 1 slot per CTA
+    (8, 2, 80, torch.bfloat16, "patch", 100, None, None, True, False),    # 4 slots, d = 80
+    (7, 1, 96, torch.bfloat16, "coarse", 7, "runs", None, True, True),     # GQA 7: 4 + 3 slots
+    (8, 4, 128, torch.float16, "patch", 90, "random", [5, 4], False, False),  # 2 slots
+    (4, 1, 256, torch.bfloat16, "coarse", 64, None, [3, 1], True, True),
+    (8, 2, 256, torch.float16, "patch", 70, "runs", None, False, False),
+    (28, 4, 128, torch.bfloat16, "patch", 120, None, [0, 1, 3, 22, 23, 24, 25, 26, 27], True,
+     False),
+    (2, 2, 16, torch.float16, "coarse", 3, None, None, True, False),        # smallest head dim
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("hq,hk,d,dtype,regions,num_regions,segments,heads,causal,with_lse",
+                         MMA_CASES)
+def test_gpu_tensor_core_attention_mass_matches_reference(hq, hk, d, dtype, regions, num_regions,
+                                                          segments, heads, causal, with_lse):
+    from kawhi_kernels.cuda.attention_mass import tensor_core_slots
+
+    seed = 4321 + hq * 17 + d
+    q, k, cu_q, cu_k = _qk(seed, LENS_Q, LENS_K, hq, hk, d, dtype)
+    head_list = list(range(hq)) if heads is None else heads
+    assert tensor_core_slots(q, k, head_list, hq, hk, False, None) > 0
+    region = _regions(seed + 1, LENS_K, num_regions, regions)
+    kwargs = dict(heads=heads, causal=causal)
+    if segments is not None:
+        seg, nseg = _segments(segments, seed + 2, q.shape[0])
+        kwargs.update(query_segment=seg, num_segments=nseg)
+    if with_lse:
+        lse = _reference_lse(q, k, cu_q, cu_k, 1.0 / math.sqrt(d), causal)
+        lse[:, 3] = math.nan                      # a non-finite normaliser: the row gives 0
+        kwargs["lse"] = lse
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, **kwargs)
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, **kwargs)
+    warp_kernel = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, block_rows=8,
+                                      **kwargs)
+    torch.cuda.synchronize()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got, warp_kernel, **TOL)
+
+
+@gpu_test
+def test_gpu_tensor_core_kernel_long_sequences_and_skipped_tiles():
+    # Several K tiles per row block, regions only in the middle tiles (the rest are skipped),
+    # Lq > Lk rows without keys, and a sequence whose keys are all text (no region at all).
+    lens_q, lens_k = [300, 90, 40], [700, 64, 20]
+    q, k, cu_q, cu_k = _qk(77, lens_q, lens_k, 8, 2, 128, torch.bfloat16)
+    region = torch.full((sum(lens_k),), -1, dtype=torch.int32)
+    region[200:456] = torch.arange(256, dtype=torch.int32) // 2
+    region = region.cuda()
+    for causal in (True, False):
+        want = attention_mass_reference(q, k, cu_q, cu_k, region, 128, causal=causal)
+        got = attention_mass_cuda(q, k, cu_q, cu_k, region, 128, causal=causal)
+        torch.testing.assert_close(got, want, **TOL)
+        assert torch.count_nonzero(got[300:]) == 0
 
 
 @gpu_test

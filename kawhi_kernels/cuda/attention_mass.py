@@ -1,11 +1,19 @@
 """CUDA ``attention_mass`` (hand-written kernel in csrc/attention_mass.cu), thin wrapper.
 
 Builds the row-block table on the host, hands raw pointers, sizes, strides, the dtype code and
-torch's current stream to ``kawhi_kernels._C.attention_mass`` and returns the fp32 output. One
-warp per (row block, head): an online-softmax pass for each row's normaliser (skipped when
-``lse`` is given), then a second pass adding p = exp(s − lse) into the row's regions. Per-row
-outputs are written without atomics; segment outputs use fp32 atomicAdd, or with
-``deterministic=True`` per-block partial rows summed in a fixed order (bit-identical runs).
+torch's current stream to ``kawhi_kernels._C.attention_mass`` and returns the fp32 output.
+
+Two kernels, chosen here (:func:`tensor_core_slots`):
+
+* tensor cores (csrc/attention_mass_mma.cu) for fp16/bf16 inputs with a head dim that is a
+  multiple of 16 and no ``deterministic`` request: a CTA per (row block, group of output slots
+  sharing a KV head), mma.sync scores over cp.async-staged K tiles, online softmax, then the
+  region mass added with fp32 atomics (per-row and segment outputs alike);
+* one warp per (row block, head) (csrc/attention_mass.cu) for everything else (fp32 inputs,
+  other head dims, ``deterministic=True``, an explicit ``block_rows``): an online-softmax pass
+  (skipped when ``lse`` is given), then a pass adding p = exp(s − lse) into the row's regions.
+  Per-row outputs are written without atomics; segment outputs use fp32 atomicAdd, or with
+  ``deterministic=True`` per-block partial rows summed in a fixed order (bit-identical runs).
 
 The public op sends fp64 inputs to the torch reference; the kernel reads fp16/bf16/fp32.
 """
@@ -20,10 +28,48 @@ from .._fused_host import last_dim_contiguous, row_blocks, segment_block_lists
 from ._launch import (device_index, dtype_code, extension_for, int32_on, make_args, ptr,
                       stream_handle)
 
-# Default rows per block: small blocks give many warps; with deterministic segment sums every
-# block owns a partial output row, so larger blocks keep that buffer small.
+# Default rows per block of the warp-per-row kernel: small blocks give many warps; with
+# deterministic segment sums every block owns a partial output row, so larger blocks keep that
+# buffer small.
 DEFAULT_BLOCK_ROWS = 8
 DEFAULT_PARTIAL_BLOCK_ROWS = 64
+
+# The tensor-core kernel (csrc/attention_mass_mma.cu): 4 warps of 16 rows per CTA, shared by
+# the output slots of one KV head (1, 2 or 4 slots per CTA).
+MMA_WARPS, MMA_WARP_ROWS = 4, 16
+MMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tensor_core_slots(q: torch.Tensor, k: torch.Tensor, heads: list[int], hq: int, hk: int,
+                      deterministic: bool, block_rows: int | None) -> int:
+    """Slots per CTA (1, 2 or 4) when the tensor-core kernel takes this call, else 0.
+
+    It takes fp16/bf16 q and k with a head dim that is a multiple of 16, 16-byte aligned rows
+    (cp.async) and no ``deterministic`` request (it adds with atomics); an explicit
+    ``block_rows`` asks for the warp-per-row kernel. The C++ launcher checks the same rules.
+    """
+    d = q.shape[2]
+    if (block_rows is not None or deterministic or q.dtype not in MMA_DTYPES or d % 16
+            or any(x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8 for x in (q, k))):
+        return 0
+    per_kv = torch.bincount(torch.tensor(heads, dtype=torch.int64) // (hq // hk), minlength=hk)
+    largest = int(per_kv.max())
+    return 1 if largest == 1 else 2 if largest == 2 else 4
+
+
+def slot_groups(heads: list[int], hq: int, hk: int, slots_per_cta: int) -> torch.Tensor:
+    """int32 [num_groups, slots_per_cta] (CPU): output slots whose query heads share a KV head,
+    in chunks of ``slots_per_cta``, padded with -1; groups in KV-head order."""
+    by_kv: dict[int, list[int]] = {}
+    for slot, head in enumerate(heads):
+        by_kv.setdefault(head // (hq // hk), []).append(slot)
+    rows = []
+    for kv in sorted(by_kv):
+        slots = by_kv[kv]
+        for i in range(0, len(slots), slots_per_cta):
+            chunk = slots[i:i + slots_per_cta]
+            rows.append(chunk + [-1] * (slots_per_cta - len(chunk)))
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, slots_per_cta)
 
 
 def attention_mass_cuda(
@@ -57,7 +103,8 @@ def attention_mass_cuda(
         causal: bottom-right aligned causal mask per sequence.
         softmax_scale: default 1/√D.
         deterministic: bit-identical segment sums (no float atomics).
-        block_rows: rows per warp (default 8, or 64 for deterministic segment sums).
+        block_rows: rows per warp of the warp-per-row kernel (default 8, or 64 for
+            deterministic segment sums); giving it selects that kernel.
 
     Returns:
         fp32 [num_segments or total_q, len(heads), R].
@@ -72,14 +119,17 @@ def attention_mass_cuda(
     code = dtype_code(ext, "q", q.dtype)
     num_out = num_segments if segmented else q.shape[0]
     partial = segmented and deterministic
-    if block_rows is None:
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
+    slots_per_cta = tensor_core_slots(q, k, heads, hq, hk, deterministic, block_rows)
+    if slots_per_cta:
+        block_rows = MMA_WARP_ROWS * (MMA_WARPS // slots_per_cta)
+    elif block_rows is None:
         block_rows = DEFAULT_PARTIAL_BLOCK_ROWS if partial else DEFAULT_BLOCK_ROWS
     blocks = row_blocks(cu_seqlens_q, cu_seqlens_k, block_rows, query_segment)
     if num_out == 0 or num_regions == 0 or blocks.shape[0] == 0:
         return torch.zeros(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
 
-    q = last_dim_contiguous(q)
-    k = last_dim_contiguous(k)
     out = torch.empty(num_out, len(heads), num_regions, dtype=torch.float32, device=device)
     keep = [int32_on(cu_seqlens_q, device), int32_on(cu_seqlens_k, device),
             int32_on(key_region, device), torch.tensor(heads, dtype=torch.int32, device=device),
@@ -97,6 +147,11 @@ def attention_mass_cuda(
         device=device_index(device))
     if lse is not None:
         fields.update(lse=ptr(lse), lse_stride_h=lse.stride(0), lse_stride_t=lse.stride(1))
+    if slots_per_cta:
+        groups = slot_groups(heads, hq, hk, slots_per_cta).to(device)
+        keep.append(groups)
+        fields.update(slots_per_cta=slots_per_cta, slot_groups=ptr(groups),
+                      num_slot_groups=groups.shape[0])
     if partial:
         start, order = segment_block_lists(blocks, num_segments)
         scratch = torch.empty(block_tab.shape[0], len(heads), num_regions, dtype=torch.float32,
