@@ -32,8 +32,6 @@ namespace {
 using namespace mma;
 
 constexpr int kThreads = kWarps * kWarpThreads;
-constexpr int kStages = 2;
-constexpr int kMaxFlagTiles = 512;  // tiles (32k keys) with a region bitmap; beyond: visited
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct MmaParams {
@@ -114,6 +112,8 @@ struct SharedLayout {
   static constexpr size_t kKBytes = sizeof(T) * kStages * kStageHalves;
   static constexpr size_t kRegionBytes = sizeof(int32_t) * kStages * kTileKeys;
   static constexpr size_t kBytes = kKBytes + kRegionBytes + kMaxFlagTiles;
+  static_assert(sizeof(T) == 2 && kBytes == static_cast<size_t>(shared_bytes(kMaxD)),
+                "mma_layout.h shared_bytes() must describe this layout");
 };
 
 // Issue the cp.async copies of K tile `tile` into ring stage `stage` (all threads), and the tile's

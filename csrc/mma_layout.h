@@ -30,6 +30,15 @@ constexpr int kTileKeys = 64;     // keys per K tile (8 n-tiles of 8 per warp)
 constexpr int kWarpRows = 16;     // M rows per warp (one m16 tile)
 constexpr int kWarps = 4;         // warps per CTA
 constexpr int kChunkHalves = 8;   // 16-byte chunk of a shared-memory K row, in 16-bit elements
+constexpr int kStages = 2;        // K ring stages (cp.async double buffering)
+constexpr int kMaxFlagTiles = 512;  // key tiles with a region bitmap (32k keys); beyond: visited
+
+// Dynamic shared memory of the kernel for K rows padded to max_d 16-bit elements: the K ring,
+// the ring's region ids (int32) and the tile bitmap (bytes).
+KAWHI_HD constexpr int64_t shared_bytes(int max_d) {
+  return int64_t{2} * kStages * kTileKeys * max_d + int64_t{4} * kStages * kTileKeys +
+         kMaxFlagTiles;
+}
 
 struct RowCol {
   int row;

@@ -243,6 +243,8 @@ void bind_mma_layout(py::module_& m) {
   s.def("key_tiles_needed", &mma::key_tiles_needed);
   s.def("warp_assignment", [pair](int warp, int spc) { return pair(mma::warp_assignment(warp, spc)); });
   s.def("block_rows_for", &mma::block_rows_for);
+  s.def("shared_bytes", &mma::shared_bytes, py::arg("max_d"),
+        "Dynamic shared memory (bytes) of the kernel variant with K rows padded to max_d.");
   s.attr("TILE_KEYS") = mma::kTileKeys;
   s.attr("WARP_ROWS") = mma::kWarpRows;
   s.attr("WARPS") = mma::kWarps;

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Static SASS facts of the CUDA kernels in a built kawhi_kernels._C (no GPU needed).
+
+Reads ``cuobjdump -sass`` and ``cuobjdump --dump-resource-usage`` of the shared object and, per
+architecture and kernel, reports registers, local memory, the CTAs per SM the register file and
+the shared memory allow, and counts of the instructions that show the tensor-core design:
+HMMA (mma.sync), LDSM (ldmatrix), LDGSTS (cp.async). ``--markdown`` prints the table recorded
+in benchmarks/results/cuda_static_sass.md; tests/test_cuda_static_sass.py asserts on the same
+facts.
+
+Usage:
+    python tools/cuda_sass_report.py path/to/_C.so [--cuobjdump PATH] [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_cuda_archs import find_cuobjdump  # noqa: E402
+
+# Per-SM limits (CUDA C Programming Guide, compute capability tables).
+REGISTERS_PER_SM = 65536
+REGISTER_ALLOCATION_UNIT = 256        # registers per warp are allocated in units of 256
+SHARED_PER_SM = {"sm_80": 167936, "sm_86": 102400, "sm_89": 102400, "sm_90": 233472}
+SHARED_RESERVED_PER_CTA = 1024
+MAX_CTAS_PER_SM = {"sm_80": 32, "sm_86": 16, "sm_89": 24, "sm_90": 32}
+COUNTED = ("HMMA", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR")
+
+_ARCH = re.compile(r"^arch = (sm_\d+[a-z]?)\s*$", re.M)
+_FUNC_SASS = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
+_FUNC_RES = re.compile(r"^\s*Function (\S+):\s*\n\s*(REG:.*)$", re.M)
+
+
+@dataclass
+class Kernel:
+    arch: str
+    name: str
+    registers: int = 0
+    stack: int = 0
+    local: int = 0
+    static_shared: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    loops_with: list[set[str]] = field(default_factory=list)
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(arch, text) per ELF image of a cuobjdump listing."""
+    marks = list(_ARCH.finditer(text))
+    return [(m.group(1), text[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(text)])
+            for i, m in enumerate(marks)]
+
+
+def parse(sass: str, resources: str) -> dict[tuple[str, str], Kernel]:
+    """{(arch, mangled name): Kernel} from the two cuobjdump listings."""
+    kernels: dict[tuple[str, str], Kernel] = {}
+    for arch, body in _sections(resources):
+        for m in _FUNC_RES.finditer(body):
+            fields = dict(item.split(":", 1) for item in m.group(2).split())
+            kernels[(arch, m.group(1))] = Kernel(
+                arch, m.group(1), registers=int(fields["REG"]), stack=int(fields["STACK"]),
+                local=int(fields["LOCAL"]), static_shared=int(fields["SHARED"]))
+    for arch, body in _sections(sass):
+        funcs = list(_FUNC_SASS.finditer(body))
+        for i, m in enumerate(funcs):
+            code = body[m.end():funcs[i + 1].start() if i + 1 < len(funcs) else len(body)]
+            kernel = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
+            for op in COUNTED:
+                kernel.counts[op] = len(re.findall(rf"\b{op}\b", code))
+            kernel.loops_with = loops_containing(code)
+    return kernels
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def loops_containing(code: str) -> list[set[str]]:
+    """For every backward branch of a kernel's SASS (a loop), the set of counted opcodes
+    between its target and the branch."""
+    instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
+    loops = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            body = " ".join(t for a, t in instrs if start <= a <= addr)
+            loops.append({op for op in COUNTED if re.search(rf"\b{op}\b", body)})
+    return loops
+
+
+def read(so: str, cuobjdump: str) -> dict[tuple[str, str], Kernel]:
+    """Run cuobjdump on ``so`` and parse both listings."""
+    def dump(flag: str) -> str:
+        res = subprocess.run([cuobjdump, flag, so], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cuobjdump} {flag} {so} failed:\n{res.stdout}{res.stderr}")
+        return res.stdout
+    return parse(dump("-sass"), dump("--dump-resource-usage"))
+
+
+def ctas_by_registers(registers: int, threads: int) -> int:
+    """CTAs per SM the register file allows for ``threads`` threads of ``registers`` each."""
+    per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    warps = -(-threads // 32)
+    return REGISTERS_PER_SM // (per_warp * warps) if per_warp else 10**9
+
+
+def ctas_by_shared(arch: str, dynamic: int, static: int) -> int | None:
+    """CTAs per SM shared memory allows (None for an arch without a table entry)."""
+    limit = SHARED_PER_SM.get(arch.rstrip("af"))
+    if limit is None:
+        return None
+    per_cta = dynamic + static + SHARED_RESERVED_PER_CTA
+    return limit // per_cta
+
+
+_LABEL = re.compile(r"\d+([a-z][a-z_]*_kernel)")
+
+
+def label(mangled: str) -> str:
+    """A readable kernel label: the kernel name plus its template arguments."""
+    m = _LABEL.search(mangled)
+    name = m.group(1) if m else mangled[:60]
+    args = []
+    if "I6__half" in mangled:
+        args.append("half")
+    elif "I13__nv_bfloat16" in mangled:
+        args.append("bf16")
+    elif "IfE" in mangled or "IfLi" in mangled:
+        args.append("float")
+    d = re.search(r"Li(\d+)E", mangled)
+    if d:
+        args.append(d.group(1))
+    return f"{name}<{', '.join(args)}>" if args else name
+
+
+def mma_variant_dim(mangled: str) -> int | None:
+    """The padded head dim (template argument) of an attention_mass_mma_kernel, else None."""
+    if "attention_mass_mma_kernel" not in mangled:
+        return None
+    return int(re.search(r"Li(\d+)E", mangled).group(1))
+
+
+def markdown(kernels: dict[tuple[str, str], Kernel], shared_bytes) -> str:
+    """The table of every kernel per arch; ``shared_bytes(max_d)`` gives the dynamic shared
+    memory of an attention_mass_mma_kernel variant."""
+    rows = ["| arch | kernel | REG | local | stack | CTAs/SM by regs | CTAs/SM by smem | "
+            "HMMA | LDSM | LDGSTS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (arch, name), k in sorted(kernels.items(), key=lambda kv: (kv[0][0], label(kv[0][1]))):
+        dim = mma_variant_dim(name)
+        smem = ctas_by_shared(arch, shared_bytes(dim), k.static_shared) if dim else None
+        rows.append(f"| {arch} | {label(name)} | {k.registers} | {k.local} | {k.stack} | "
+                    f"{ctas_by_registers(k.registers, 128) if dim else ''} | "
+                    f"{'' if smem is None else smem} | "
+                    f"{k.counts.get('HMMA', 0)} | {k.counts.get('LDSM', 0)} | "
+                    f"{k.counts.get('LDGSTS', 0)} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shared_object")
+    parser.add_argument("--cuobjdump")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    tool = find_cuobjdump(args.cuobjdump)
+    if tool is None:
+        try:
+            from kawhi_kernels._compat import cuobjdump_path
+            tool = cuobjdump_path()
+        except ImportError:
+            tool = None
+    if tool is None:
+        print("error: cuobjdump not found", file=sys.stderr)
+        return 2
+    kernels = read(args.shared_object, tool)
+    sys.path.insert(0, str(Path(args.shared_object).resolve().parent))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_C", args.shared_object)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    print(markdown(kernels, ext.mma_layout.shared_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
