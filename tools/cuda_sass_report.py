@@ -81,15 +81,21 @@ _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 def loops_containing(code: str) -> list[set[str]]:
     """For every backward branch of a kernel's SASS (a loop), the set of counted opcodes
     between its target and the branch."""
+    import bisect
+
     instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
+    where = {op: [a for a, t in instrs if re.search(rf"\b{op}\b", t)] for op in COUNTED}
     loops = []
     for addr, text in instrs:
-        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        m = _BRANCH.search(text)
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
-            body = " ".join(t for a, t in instrs if start <= a <= addr)
-            loops.append({op for op in COUNTED if re.search(rf"\b{op}\b", body)})
+            loops.append({op for op, addrs in where.items()
+                          if bisect.bisect_right(addrs, addr) > bisect.bisect_left(addrs, start)})
     return loops
+
+
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)")
 
 
 def read(so: str, cuobjdump: str) -> dict[tuple[str, str], Kernel]:
