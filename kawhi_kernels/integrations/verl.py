@@ -480,9 +480,8 @@ def kawhi_token_weights_from_alpha(
     return out
 
 
-try:  # register the estimator with verl when it is installed
-    import verl.trainer.ppo.core_algos as _verl_core_algos
-except ImportError:
-    _verl_core_algos = None
-if _verl_core_algos is not None:
-    register_verl_estimator(_verl_core_algos)
+# grpo_kawhi is registered (and verl's advantage step patched) when verl imports the modules
+# concerned, in this and, through the ``verl.plugins`` entry point, every other process.
+from .verl_plugin import install as _install_verl_plugin  # noqa: E402
+
+_install_verl_plugin()

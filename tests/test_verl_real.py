@@ -1,0 +1,199 @@
+"""KAWHI against real verl 0.9.1 (skipped where verl is not installed).
+
+One local Ray cluster is shared by the module (started as ``main_ppo.run_ppo`` starts it, with
+verl's PPO runtime env); the TransferQueue of the v1 trainer runs on it.
+"""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="needs verl[verl-core]==0.9.1")
+ray = pytest.importorskip("ray")
+tq = pytest.importorskip("transfer_queue")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
+
+from kawhi_kernels.integrations import verl as kv  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    env = get_ppo_ray_runtime_env()
+    env.setdefault("env_vars", {})["TRANSFER_QUEUE_ENABLE"] = "1"
+    # 1 CPU for the TaskRunner actor, 1 for the TransferQueue controller, 1 for its storage unit
+    ray.init(num_cpus=3, runtime_env=env, include_dashboard=False, log_to_driver=False)
+    # the probes below are defined in this test module, which Ray workers cannot import
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    try:
+        tq.close()
+    finally:
+        ray.shutdown()
+
+
+def _grpo_reference(scores, index, eps=1e-6):
+    out = torch.zeros_like(scores)
+    for i, uid in enumerate(index):
+        members = torch.stack([scores[j] for j in range(len(index)) if index[j] == uid])
+        mean, std = (torch.tensor(0.0), torch.tensor(1.0)) if members.numel() == 1 else (members.mean(), members.std())
+        out[i] = (scores[i] - mean) / (std + eps)
+    return out
+
+
+def _rollout(seed=0):
+    """6 responses of 2 prompts (G = 3), ragged response lengths, outcome reward on the last token."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 2, 4, 3, 5, 1]
+    uids = ["p0", "p0", "p0", "p1", "p1", "p1"]
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    weights = [0.1 + 0.9 * torch.rand(n, generator=g) for n in lengths]
+    rewards = []
+    for n, s in zip(lengths, scores):
+        r = torch.zeros(n)
+        r[-1] = s
+        rewards.append(r)
+    return lengths, uids, scores, weights, rewards
+
+
+# ------------------------------------------------------------------------------- registration
+
+
+def test_estimator_through_get_adv_estimator_fn():
+    fn = core_algos.get_adv_estimator_fn("grpo_kawhi")
+    assert fn is kv.compute_grpo_kawhi_advantage
+    lengths, uids, scores, weights, rewards = _rollout()
+    mask = torch.zeros(6, 5)
+    padded_w = torch.ones(6, 5)
+    padded_r = torch.zeros(6, 5)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        padded_w[i, :n] = weights[i]
+        padded_r[i, :n] = rewards[i]
+    adv, _ = fn(token_level_rewards=padded_r, response_mask=mask, index=np.array(uids, dtype=object),
+                config=OmegaConf.create({"norm_adv_by_std_in_grpo": True}), kawhi_token_weights=padded_w)
+    expected = _grpo_reference(scores, uids)[:, None] * mask * padded_w
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    # verl's own grpo estimator times the weights gives the same
+    grpo, _ = core_algos.get_adv_estimator_fn("grpo")(padded_r, mask, np.array(uids, dtype=object))
+    torch.testing.assert_close(adv, grpo * padded_w, atol=1e-5, rtol=1e-5)
+
+
+def _probe_in_actor(runner):
+    """Runs inside the TaskRunnerV1 actor: what that process knows (it never imported kawhi_kernels
+    itself; ``import verl`` did, through the entry point)."""
+    import verl.trainer.ppo.core_algos as ca
+    import verl.trainer.ppo.v1.trainer_base as tb
+
+    fn = ca.ADV_ESTIMATOR_REGISTRY.get("grpo_kawhi")
+    plugin = sys.modules.get("kawhi_kernels.integrations.verl_plugin")
+    if plugin is None:  # say why verl's entry-point loader (which only logs at debug level) failed
+        import traceback
+        from importlib.metadata import entry_points
+        try:
+            for ep in entry_points(group="verl.plugins"):
+                ep.load()
+            return {"error": "plugin not loaded by import verl, but loads when asked"}
+        except Exception:
+            return {"error": traceback.format_exc()}
+    return {
+        "pid": os.getpid(),
+        "registered": None if fn is None else f"{fn.__module__}.{fn.__qualname__}",
+        "v1_advantage_patched": bool(getattr(tb.PPOTrainer._compute_advantage, "_kawhi_wrapped", False)),
+        "v1_multi_patched": bool(getattr(tb.compute_advantage_for_multi_trajectories, "_kawhi_wrapped", False)),
+        "status": plugin.plugin_status(),
+    }
+
+
+def test_registration_inside_task_runner_actor(ray_session):
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    runner = TaskRunnerV1.remote()                    # as main_ppo.run_ppo starts it
+    seen = ray.get(runner.__ray_call__.remote(_probe_in_actor), timeout=180)
+    ray.kill(runner)
+    assert "error" not in seen, seen.get("error")
+    assert seen["pid"] != os.getpid()
+    assert seen["registered"] == "kawhi_kernels.integrations.verl.compute_grpo_kawhi_advantage"
+    assert seen["v1_advantage_patched"] and seen["v1_multi_patched"]
+    assert set(seen["status"].values()) == {"ok"}, seen["status"]
+
+
+# ------------------------------------------------------------------ the v1 trainer's advantage step
+
+
+def _v1_trainer(adv_estimator):
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync   # trainer.v1.trainer_mode's default class
+
+    trainer = object.__new__(PPOTrainerSync)          # only the config is read by _compute_advantage
+    trainer.config = OmegaConf.create({
+        "algorithm": {"adv_estimator": adv_estimator, "gamma": 1.0, "lam": 1.0, "use_kl_in_reward": False,
+                      "norm_adv_by_std_in_grpo": True, "kawhi": {"tau": 0.05}},
+        "actor_rollout_ref": {"rollout": {"n": 3}},
+    })
+    return trainer
+
+
+def _put_rollout(partition, with_weights=True):
+    lengths, uids, scores, weights, rewards = _rollout()
+    keys, fields = [], []
+    for i, n in enumerate(lengths):
+        keys.append(f"{uids[i]}_{i % 3}_0")           # {uid}_{session_id}_{index}, one turn each
+        field = {"uid": uids[i], "response_mask": torch.ones(n, dtype=torch.int64), "rm_scores": rewards[i],
+                 "rollout_log_probs": torch.zeros(n), "old_log_probs": torch.zeros(n),
+                 "ref_log_prob": torch.zeros(n), "values": torch.zeros(n)}
+        if with_weights:
+            field[kv.WEIGHTS_KEY] = weights[i]
+        fields.append(field)
+    return tq.kv_batch_put(keys=keys, partition_id=partition, fields=list_of_dict_to_tensordict(fields)), \
+        lengths, uids, scores, weights
+
+
+def test_v1_trainer_compute_advantage_with_transfer_queue(ray_session):
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    meta, lengths, uids, scores, weights = _put_rollout("train_kawhi")
+    _v1_trainer("grpo_kawhi")._compute_advantage(meta, metrics={})
+    out = tq.kv_batch_get(keys=meta.keys, partition_id="train_kawhi", select_fields=["advantages", "returns"])
+    adv = out["advantages"]
+    group = _grpo_reference(scores, uids)
+    for i, row in enumerate(adv.unbind()):
+        torch.testing.assert_close(row, group[i] * weights[i], atol=1e-5, rtol=1e-5)
+
+    # plain grpo through the same (patched) step is unchanged: the group advantage, unweighted
+    meta, *_ = _put_rollout("train_grpo", with_weights=False)
+    _v1_trainer("grpo")._compute_advantage(meta, metrics={})
+    out = tq.kv_batch_get(keys=meta.keys, partition_id="train_grpo", select_fields=["advantages"])
+    for i, row in enumerate(out["advantages"].unbind()):
+        torch.testing.assert_close(row, group[i].expand(lengths[i]), atol=1e-5, rtol=1e-5)
+
+    # grpo_kawhi without weights in the queue: a clear error naming the field
+    meta, *_ = _put_rollout("train_missing", with_weights=False)
+    with pytest.raises(KeyError, match="kawhi_token_weights"):
+        _v1_trainer("grpo_kawhi")._compute_advantage(meta, metrics={})
+
+
+def test_legacy_compute_advantage_routes_grpo_kawhi():
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+
+    lengths, uids, scores, weights, rewards = _rollout()
+    mask = torch.zeros(6, 5)
+    padded_w = torch.ones(6, 5)
+    padded_r = torch.zeros(6, 5)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        padded_w[i, :n] = weights[i]
+        padded_r[i, :n] = rewards[i]
+    data = DataProto.from_dict(tensors={"token_level_rewards": padded_r, "response_mask": mask,
+                                        kv.WEIGHTS_KEY: padded_w},
+                               non_tensors={"uid": np.array(uids, dtype=object)})
+    out = ray_trainer.compute_advantage(data, adv_estimator="grpo_kawhi", norm_adv_by_std_in_grpo=True,
+                                        config=OmegaConf.create({}))
+    expected = _grpo_reference(scores, uids)[:, None] * mask * padded_w
+    torch.testing.assert_close(out.batch["advantages"], expected, atol=1e-5, rtol=1e-5)
