@@ -197,3 +197,42 @@ def test_legacy_compute_advantage_routes_grpo_kawhi():
                                         config=OmegaConf.create({}))
     expected = _grpo_reference(scores, uids)[:, None] * mask * padded_w
     torch.testing.assert_close(out.batch["advantages"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- per-token alignment
+
+
+def test_token_layout_round_trips_through_verl_slicing():
+    """KAWHI's own-position values, shifted by to_verl_token_layout, come out of verl's own
+    no_padding_2_padding / response_from_nested exactly as packed_response_values reads them."""
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import no_padding_2_padding, response_from_nested
+
+    g = torch.Generator().manual_seed(5)
+    prompt_lens, response_lens = [3, 1, 6, 2], [4, 5, 1, 3]
+    seq = [p + r for p, r in zip(prompt_lens, response_lens)]
+    cu = torch.tensor([0] + np.cumsum(seq).tolist())
+    values = torch.randn(int(cu[-1]), generator=g)
+    response_mask = torch.zeros(4, max(response_lens), dtype=torch.int64)
+    for i, r in enumerate(response_lens):
+        response_mask[i, :r] = 1
+    expected = kv.packed_response_values(values, cu, response_mask)
+
+    shifted = kv.to_verl_token_layout(values, cu)
+    nested = torch.nested.nested_tensor_from_jagged(shifted, cu)
+    data = TensorDict({
+        "prompts": torch.nested.as_nested_tensor([torch.ones(p, dtype=torch.int64) for p in prompt_lens],
+                                                 layout=torch.jagged),
+        "responses": torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.int64) for r in response_lens],
+                                                   layout=torch.jagged),
+    }, batch_size=[4])
+    padded = no_padding_2_padding(nested, data)
+    torch.testing.assert_close(padded * response_mask, expected)
+    resp_nested = torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.int64) for r in response_lens],
+                                                layout=torch.jagged)
+    from_nested = response_from_nested(nested, resp_nested)
+    for i, row in enumerate(from_nested.unbind()):
+        torch.testing.assert_close(row, expected[i, :response_lens[i]])
+    # without the shift, verl's slice is one position early (the token that predicts t)
+    unshifted = no_padding_2_padding(torch.nested.nested_tensor_from_jagged(values, cu), data)
+    assert not torch.allclose(unshifted * response_mask, expected)

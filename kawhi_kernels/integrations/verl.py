@@ -57,6 +57,7 @@ __all__ = [
     "packed_response_values",
     "patch_verl_compute_advantage",
     "register_verl_estimator",
+    "to_verl_token_layout",
 ]
 
 ESTIMATOR_NAME = "grpo_kawhi"
@@ -408,7 +409,9 @@ def capture_kawhi_alpha(model, *, cu_seqlens: torch.Tensor, key_mask: torch.Tens
 
 
 def packed_response_values(values: torch.Tensor, cu_seqlens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """[B, R] response-layout values from a packed per-token statistic.
+    """[B, R] response-layout values from a packed per-token statistic (own-position convention:
+    the value of response token t is read at t's own position, ``values[end-r:end]``; see
+    :func:`to_verl_token_layout` for verl's predicting-position layout).
 
     Args:
         values: [total] per-token values of packed sequences (e.g. :func:`kawhi_alpha_packed`).
@@ -430,6 +433,35 @@ def packed_response_values(values: torch.Tensor, cu_seqlens: torch.Tensor, respo
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
     cu[1:] = lengths.cumsum(0)
     return packed_to_padded(picked, cu, response_mask.shape[1])
+
+
+def to_verl_token_layout(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Shift a packed per-token statistic from KAWHI's convention to verl's, so verl's own slicing
+    recovers it.
+
+    Convention (one for the plain, TRL and verl paths): α_t and every KAWHI per-token value belong
+    to response token t and sit **at t's own position** (the query of t). verl stores per-token
+    model outputs (``log_probs``, ``entropy``) at the position that *predicts* each token and
+    slices a response of r tokens ending at ``end`` as ``values[end-r-1:end-1]``
+    (``no_padding_2_padding``, ``response_from_nested``). This returns ``out[p] = values[p+1]``
+    within each sequence (0 at a sequence's last position), so that verl's slice of ``out`` is
+    ``values[end-r:end]`` — what :func:`packed_response_values` reads from ``values``.
+
+    Args:
+        values: [total] per-token values of packed sequences, own-position convention.
+        cu_seqlens: [B+1] packing boundaries.
+    Returns:
+        [total], same dtype/device, in verl's predicting-position layout.
+    """
+    V.check_tensor("values", values, ndim=1)
+    V.check_cu_seqlens("cu_seqlens", cu_seqlens, values.shape[0], device=values.device)
+    out = torch.zeros_like(values)
+    if values.numel() > 1:
+        out[:-1] = values[1:]
+    last = cu_seqlens[1:].to(torch.int64) - 1
+    last = last[last >= 0]
+    out[last] = 0
+    return out
 
 
 def kawhi_token_weights_from_alpha(
