@@ -236,3 +236,36 @@ def test_token_layout_round_trips_through_verl_slicing():
     # without the shift, verl's slice is one position early (the token that predicts t)
     unshifted = no_padding_2_padding(torch.nested.nested_tensor_from_jagged(values, cu), data)
     assert not torch.allclose(unshifted * response_mask, expected)
+
+
+# ------------------------------------------------- actor-side α in verl's patched Qwen2.5-VL forward
+
+
+def _run_worker(tmp_path, sp):
+    import json
+    import subprocess
+
+    out = tmp_path / f"alpha_sp{sp}.json"
+    worker = os.path.join(os.path.dirname(__file__), "verl_qwen_vl_worker.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, worker, str(out), str(sp)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_alpha_in_verl_patched_qwen2_5_vl_forward_sp1(tmp_path):
+    result = _run_worker(tmp_path, 1)
+    assert result["hf_capture_alpha_is_none"]          # verl's patch bypasses transformers' attention interface
+    assert result["ref_abs_max"] > 0.05                # α is not trivially 0
+    assert result["max_abs_err"] < 1e-2, result        # bf16 q/k, as verl casts them
+    assert result["off_query_zero"]
+
+
+def test_alpha_under_ulysses_sp2_over_gloo(tmp_path):
+    result = _run_worker(tmp_path, 2)                  # two CPU processes, verl's all-to-all, padded to 34
+    assert result["total"] % 2 == 1                    # the packed row needed Ulysses padding
+    assert result["ref_abs_max"] > 0.05
+    assert result["max_abs_err"] < 1e-2, result
+    assert result["off_query_zero"]
