@@ -269,3 +269,23 @@ def test_alpha_under_ulysses_sp2_over_gloo(tmp_path):
     assert result["ref_abs_max"] > 0.05
     assert result["max_abs_err"] < 1e-2, result
     assert result["off_query_zero"]
+
+
+# ------------------------------------------------------------------------------- Hydra config keys
+
+
+def test_hydra_config_needs_plus_prefix_and_kawhi_from_config_reads_it():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=[
+            "algorithm.adv_estimator=grpo_kawhi", "+algorithm.kawhi.tau=0.2", "+algorithm.kawhi.heads=[0,2]",
+            "+algorithm.kawhi.layer=-1"])
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="ppo_trainer", overrides=["algorithm.kawhi.tau=0.2"])   # without '+'
+    assert cfg.trainer.use_v1                                   # the default trainer is v1
+    kawhi, layer = kv.kawhi_from_config(cfg.algorithm)
+    assert kawhi.weight_params["tau"] == 0.2 and kawhi.heads == [0, 2] and layer == -1
+    assert core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator) is kv.compute_grpo_kawhi_advantage
