@@ -14,7 +14,12 @@ Data flow in a verl PPO step (see ``examples/verl_grpo_kawhi.md`` for the full r
    outcome advantage times the weights. verl's generic ``compute_advantage`` passes an estimator
    only ``token_level_rewards``, ``response_mask``, ``index`` and ``config``, so
    :func:`patch_verl_compute_advantage` routes ``grpo_kawhi`` through :func:`compute_kawhi_advantage`,
-   which also reads the weights from the batch.
+   which also reads the weights from the batch. The ``verl.plugins`` entry point
+   (:mod:`~kawhi_kernels.integrations.verl_plugin`) applies the registration and the patches in
+   every process that imports verl, for the v1 and the legacy trainer.
+
+Per-token convention: own position (see :func:`to_verl_token_layout`). Under verl's monkey patch
+of Qwen2/2.5-VL, α is tapped by :class:`~kawhi_kernels.integrations.verl_actor.VerlQwen2VLAlphaTap`.
 
 Config keys (``algorithm.kawhi.*``, read by :func:`kawhi_from_config`): ``tau`` (0.05), ``lam``
 (0.1), ``w_min`` (0.1), ``w_max`` (1.0), ``rescale`` (null | "mean"), ``heads`` (null = all, a
