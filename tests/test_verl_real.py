@@ -91,6 +91,7 @@ def _probe_in_actor(runner):
     itself; ``import verl`` did, through the entry point)."""
     import verl.trainer.ppo.core_algos as ca
     import verl.trainer.ppo.v1.trainer_base as tb
+    import verl.workers.engine.fsdp.transformer_impl as ti   # what the engine workers import
 
     fn = ca.ADV_ESTIMATOR_REGISTRY.get("grpo_kawhi")
     plugin = sys.modules.get("kawhi_kernels.integrations.verl_plugin")
@@ -108,6 +109,8 @@ def _probe_in_actor(runner):
         "registered": None if fn is None else f"{fn.__module__}.{fn.__qualname__}",
         "v1_advantage_patched": bool(getattr(tb.PPOTrainer._compute_advantage, "_kawhi_wrapped", False)),
         "v1_multi_patched": bool(getattr(tb.compute_advantage_for_multi_trajectories, "_kawhi_wrapped", False)),
+        "v1_old_log_prob_patched": bool(getattr(tb.PPOTrainer._compute_old_log_prob, "_kawhi_wrapped", False)),
+        "engine_patched": bool(getattr(ti.FSDPEngineWithLMHead.forward_step, "_kawhi_wrapped", False)),
         "status": plugin.plugin_status(),
     }
 
@@ -122,6 +125,7 @@ def test_registration_inside_task_runner_actor(ray_session):
     assert seen["pid"] != os.getpid()
     assert seen["registered"] == "kawhi_kernels.integrations.verl.compute_grpo_kawhi_advantage"
     assert seen["v1_advantage_patched"] and seen["v1_multi_patched"]
+    assert seen["v1_old_log_prob_patched"] and seen["engine_patched"]
     assert set(seen["status"].values()) == {"ok"}, seen["status"]
 
 
@@ -255,12 +259,25 @@ def _run_worker(tmp_path, sp):
     return json.loads(out.read_text())
 
 
+def _check_engine_output(result):
+    """kawhi_alpha out of verl's FSDPEngineWithLMHead.forward_step / prepare_model_outputs: nested
+    beside verl's own log_probs / entropy, in verl's layout, equal to the reference."""
+    assert result["engine_outputs"] == ["entropy", "kawhi_alpha", "log_probs"], result["engine_outputs"]
+    assert result["engine_alpha_nested"]
+    values, ref = torch.tensor(result["engine_alpha_values"]), torch.tensor(result["ref_verl_layout"])
+    torch.testing.assert_close(values, ref, atol=1e-2, rtol=0)
+    for row, expected in zip(result["engine_alpha_response"], result["ref_response"]):  # verl's response_from_nested
+        torch.testing.assert_close(torch.tensor(row), torch.tensor(expected), atol=1e-2, rtol=0)
+    assert max(abs(v) for row in result["ref_response"] for v in row) > 0.05
+
+
 def test_alpha_in_verl_patched_qwen2_5_vl_forward_sp1(tmp_path):
     result = _run_worker(tmp_path, 1)
     assert result["hf_capture_alpha_is_none"]          # verl's patch bypasses transformers' attention interface
     assert result["ref_abs_max"] > 0.05                # α is not trivially 0
     assert result["max_abs_err"] < 1e-2, result        # bf16 q/k, as verl casts them
     assert result["off_query_zero"]
+    _check_engine_output(result)
 
 
 def test_alpha_under_ulysses_sp2_over_gloo(tmp_path):
@@ -269,6 +286,98 @@ def test_alpha_under_ulysses_sp2_over_gloo(tmp_path):
     assert result["ref_abs_max"] > 0.05
     assert result["max_abs_err"] < 1e-2, result
     assert result["off_query_zero"]
+    _check_engine_output(result)                       # verl's ulysses_pad, all-to-all and gather_outputs_and_unpad
+
+
+# ------------------------------------------------ v1 _compute_old_log_prob: fetch α, put the weights
+
+
+class _CharTokenizer:
+    """ids → characters; id 0 decodes to a paragraph break."""
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        return "".join("\n\n" if i == 0 else chr(ord("a") + i % 26) for i in ids)
+
+
+class _EngineWorkerGroup:
+    """Plays the actor worker group's compute_log_prob: checks verl's extra_info carries the KAWHI
+    flag, and puts log_probs / entropy / kawhi_alpha (nested, verl's layout) into the TransferQueue
+    as the patched engine does."""
+
+    def __init__(self, alpha_own, cu):
+        self.alpha_own, self.cu, self.extra_info = alpha_own, cu, None
+
+    def compute_log_prob(self, batch):
+        from tensordict import TensorDict
+
+        self.extra_info = dict(batch.extra_info)
+        lens = self.cu.diff().tolist()
+        nested = lambda v: torch.nested.nested_tensor_from_jagged(v, self.cu)  # noqa: E731
+        fields = TensorDict({"log_probs": nested(-torch.rand(int(self.cu[-1]))),
+                             "entropy": nested(torch.rand(int(self.cu[-1]))),
+                             "kawhi_alpha": nested(kv.to_verl_token_layout(self.alpha_own, self.cu))},
+                            batch_size=[len(lens)])
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+
+def test_v1_old_log_prob_fetches_alpha_and_puts_weights(ray_session):
+    from verl.trainer.ppo.v1 import trainer_base
+
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    lengths, uids, scores, _, rewards = _rollout()
+    prompt_lens = [3, 4, 2, 5, 3, 4]
+    g = torch.Generator().manual_seed(11)
+    keys, fields, alpha_rows, has_image = [], [], [], []
+    for i, (p, r) in enumerate(zip(prompt_lens, lengths)):
+        keys.append(f"{uids[i]}_{i % 3}_0")
+        key_mask = torch.zeros(p + r, dtype=torch.bool)
+        key_mask[:p - 1] = i != 4                       # row 4: no selected image key -> weight 1
+        has_image.append(i != 4)
+        responses = torch.randint(1, 30, (r,), generator=g)
+        responses[r // 2] = 0                           # a paragraph break inside longer responses
+        fields.append({"uid": uids[i], "input_ids": torch.randint(1, 30, (p + r,), generator=g),
+                       "responses": responses, "response_mask": torch.ones(r, dtype=torch.int64),
+                       "rm_scores": rewards[i], "kawhi_key_mask": key_mask})
+        alpha_rows.append(torch.rand(p + r, generator=g) - 0.3)
+    meta = tq.kv_batch_put(keys=keys, partition_id="train_olp", fields=list_of_dict_to_tensordict(fields))
+    cu = torch.tensor([0] + np.cumsum([p + r for p, r in zip(prompt_lens, lengths)]).tolist())
+    trainer = _v1_trainer("grpo_kawhi")
+    trainer.config.algorithm.kawhi.heads = [0, 2]
+    trainer.config.actor_rollout_ref.rollout.update({"temperature": 1.0, "calculate_log_probs": False})
+    trainer.config.actor_rollout_ref.actor = {"loss_agg_mode": "token-mean", "loss_scale_factor": None}
+    trainer.tokenizer = _CharTokenizer()
+    trainer.actor_rollout_wg = _EngineWorkerGroup(torch.cat(alpha_rows), cu)
+    meta = trainer_base.PPOTrainer._compute_old_log_prob(trainer, meta, metrics={})
+
+    flags = trainer.actor_rollout_wg.extra_info     # what verl forwards to the engine's micro-batches
+    assert flags["kawhi_alpha"] is True and flags["kawhi_heads"] == "0,2" and flags["kawhi_layer"] == -1
+    assert flags["calculate_entropy"] is True
+    assert "kawhi_alpha" not in meta.extra_info      # the ref / update steps do not tap
+    got = tq.kv_batch_get(keys=keys, partition_id="train_olp", select_fields=[kv.WEIGHTS_KEY, "old_log_probs"])
+
+    from kawhi_kernels.integrations.rl import response_texts_and_offsets
+    width = max(lengths)
+    alpha = torch.zeros(6, width)
+    mask = torch.zeros(6, width, dtype=torch.bool)
+    resp = torch.zeros(6, width, dtype=torch.int64)
+    for i, r in enumerate(lengths):
+        alpha[i, :r] = alpha_rows[i][-r:]                # own-position α of the response tokens
+        mask[i, :r] = True
+        resp[i, :r] = fields[i]["responses"]
+    texts, offsets = response_texts_and_offsets(_CharTokenizer(), resp, mask)
+    expected = kv.kawhi_token_weights_from_alpha(alpha, mask, texts, offsets, has_image=torch.tensor(has_image),
+                                                 tau=0.05)
+    for i, row in enumerate(got[kv.WEIGHTS_KEY].unbind()):
+        torch.testing.assert_close(row, expected[i, :lengths[i]])
+    assert torch.all(got[kv.WEIGHTS_KEY].unbind()[4] == 1.0)
+    assert not torch.allclose(expected[mask], torch.ones(int(mask.sum())))   # the weights are not trivially 1
+
+    # and the already-patched advantage step consumes them: group advantage × weights
+    trainer._compute_advantage(meta, metrics={})
+    adv = tq.kv_batch_get(keys=keys, partition_id="train_olp", select_fields=["advantages"])["advantages"]
+    group = _grpo_reference(scores, uids)
+    for i, row in enumerate(adv.unbind()):
+        torch.testing.assert_close(row, group[i] * expected[i, :lengths[i]], atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------- Hydra config keys

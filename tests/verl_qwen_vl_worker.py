@@ -97,6 +97,67 @@ def patched_alpha(model, seqs, pixels, grids, position_ids, key_mask, query_mask
     return tap.alpha
 
 
+def engine_alpha(model, tm, seqs, pixels, grids, position_ids, key_mask, sp):
+    """α through verl's own engine step: FSDPEngineWithLMHead.forward_step → prepare_model_inputs →
+    the model → prepare_model_outputs (patched by the plugin to emit ``kawhi_alpha``), on a micro-batch
+    made by verl's left_right_2_no_padding. The engine object is not initialised (no FSDP wrap on
+    CPU: see the recipe); only the attributes its forward path reads are set, and ``get_device_id``
+    and ``get_device_name`` (CUDA-only in verl.utils.device on a machine without an accelerator) are pointed
+    at the CPU."""
+    from types import SimpleNamespace
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.fsdp import transformer_impl as ti
+    from verl.workers.utils.padding import left_right_2_no_padding, response_from_nested
+
+    from kawhi_kernels.integrations.verl_engine import heads_flag
+
+    assert getattr(ti.FSDPEngineWithLMHead.forward_step, "_kawhi_wrapped", False), "plugin did not patch the engine"
+    ti.get_device_id = lambda: "cpu"
+    ti.get_device_name = lambda: "cpu"
+    engine = object.__new__(ti.FSDPEngineWithLMHead)
+    engine.module = model
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    engine.compute_entropy_from_logits = ti.verl_F.entropy_from_logits
+    engine.pad_to_length = False
+    engine.ulysses_sequence_parallel_size = sp
+    engine.use_ulysses_sp = sp > 1
+    engine._autocast_dtype = torch.float32          # the model is already bf16; CPU has no CUDA autocast
+
+    # left-padded [B, L] batch as the rollout hands it over; the response is each row's last 4 tokens
+    lens = [s.numel() for s in seqs]
+    width, b = max(lens), len(seqs)
+    ids = torch.zeros(b, width, dtype=torch.int64)
+    attn = torch.zeros(b, width, dtype=torch.int64)
+    pos = torch.zeros(b, 4, width, dtype=torch.int64)
+    keys = torch.zeros(b, width, dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(lens):
+        ids[i, width - n:] = seqs[i]
+        attn[i, width - n:] = 1
+        pos[i, :, width - n:] = position_ids[:, 0, start:start + n]
+        keys[i, width - n:] = key_mask[start:start + n]
+        start += n
+    data = TensorDict({"input_ids": ids, "attention_mask": attn, "position_ids": pos,
+                       "response_mask": torch.ones(b, 4, dtype=torch.int64)}, batch_size=[b])
+    data = left_right_2_no_padding(data)
+    data["kawhi_key_mask"] = torch.nested.as_nested_tensor([keys[i, width - n:] for i, n in enumerate(lens)],
+                                                           layout=torch.jagged)
+    data["response_mask"] = torch.nested.as_nested_tensor([torch.ones(4, dtype=torch.int64)] * b, layout=torch.jagged)
+    tu.assign_non_tensor(data, multi_modal_inputs=tu.NonTensorStack(*[
+        tu.NonTensorData({"pixel_values": px, "image_grid_thw": g}) for px, g in zip(pixels, grids)]))
+    tu.assign_non_tensor(data, temperature=1.0, use_remove_padding=True, calculate_entropy=True,
+                         kawhi_alpha=True, kawhi_heads=heads_flag(HEADS), kawhi_layer=-1)
+    _, out = engine.forward_step(data, loss_function=None, forward_only=True)
+    model_output = out["model_output"]
+    alpha = model_output["kawhi_alpha"]
+    return dict(engine_outputs=sorted(model_output.keys()), engine_alpha_nested=bool(alpha.is_nested),
+                engine_alpha_values=alpha.values().tolist(),
+                engine_alpha_response=[r.tolist() for r in response_from_nested(alpha, data["response_mask"]).unbind()],
+                engine_offsets=alpha.offsets().tolist())
+
+
 def main(out_path, sp):
     torch.manual_seed(0)
     result = {}
@@ -127,6 +188,12 @@ def main(out_path, sp):
     alpha = patched_alpha(model, seqs, pixels, grids, position_ids, key_mask, query_mask, group, sp)
     result.update(max_abs_err=float((alpha - ref).abs().max()), ref_abs_max=float(ref.abs().max()),
                   off_query_zero=bool((alpha[~query_mask] == 0).all()), total=int(ref.numel()))
+    result.update(engine_alpha(model, tm, seqs, pixels, grids, position_ids, key_mask, sp))
+    from kawhi_kernels.integrations.verl import to_verl_token_layout
+
+    cu = torch.tensor(result["engine_offsets"])
+    result["ref_verl_layout"] = to_verl_token_layout(ref, cu).tolist()
+    result["ref_response"] = [ref[int(e) - 4:int(e)].tolist() for e in cu[1:]]
     if sp == 1 or torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)

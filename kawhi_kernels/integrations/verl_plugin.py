@@ -20,7 +20,11 @@ safe to run while ``verl/__init__`` is still executing). When verl later imports
   ``compute_advantage_for_multi_trajectories`` sends ``grpo_kawhi`` down verl's own GRPO
   multi-session path (final session per group, broadcast to the session's turns) and multiplies
   the result by each row's KAWHI weights; ``PPOTrainer._compute_advantage`` fetches
-  ``kawhi_token_weights`` from the TransferQueue, which its fixed field list omits.
+  ``kawhi_token_weights`` from the TransferQueue, which its fixed field list omits;
+  ``PPOTrainer._compute_old_log_prob`` asks the worker for ``kawhi_alpha``, fetches it and puts
+  ``kawhi_token_weights`` (:mod:`~kawhi_kernels.integrations.verl_engine`);
+* ``verl.workers.engine.fsdp.transformer_impl`` (engine workers): the old-log-prob forward taps α
+  and emits ``kawhi_alpha`` as a per-token model output (:mod:`~kawhi_kernels.integrations.verl_engine`).
 
 Modules already imported when this one loads are patched at once. :func:`plugin_status` tells
 what was applied in the calling process (used by the tests inside Ray actors).
@@ -129,12 +133,23 @@ def _patch_v1_trainer_base(module) -> None:
     _compute_advantage._kawhi_wrapped = True
     trainer._compute_advantage = _compute_advantage
 
+    from .verl_engine import patch_v1_old_log_prob
+
+    patch_v1_old_log_prob(module)
+
+
+def _patch_engine(module) -> None:
+    from .verl_engine import patch_engine
+
+    patch_engine(module)
+
 
 _HOOKS = {
     "verl.trainer.ppo.core_algos": _patch_core_algos,
     "verl.trainer.ppo.ray_trainer": _patch_ray_trainer,
     "verl.trainer.ppo.v1.utils": _patch_v1_utils,
     "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer_base,
+    "verl.workers.engine.fsdp.transformer_impl": _patch_engine,
 }
 
 
