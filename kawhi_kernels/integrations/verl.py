@@ -7,9 +7,11 @@ Data flow in a verl PPO step (see ``examples/verl_grpo_kawhi.md`` for the full r
 2. actor, inside the old-log-prob forward that already runs (remove-padding layout, one packed
    row, ``cu_seqlens`` from the unpadded lengths): :func:`capture_kawhi_alpha` computes α for
    every response token from the final layer's post-RoPE Q/K → ``kawhi_alpha``, a per-token
-   statistic like ``entropys``; under Ulysses sequence parallelism, with head-sharded Q/K,
-   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group;
-3. driver: :func:`kawhi_token_weights_from_alpha` → ``data.batch["kawhi_token_weights"]`` [B, R];
+   model output like verl's ``entropy``; under Ulysses sequence parallelism, with head-sharded Q/K,
+   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group. In verl
+   0.9.1's engine worker this happens automatically (:mod:`~kawhi_kernels.integrations.verl_engine`);
+3. trainer: :func:`kawhi_token_weights_from_alpha` → ``kawhi_token_weights`` [B, R] (done by the
+   patched v1 ``_compute_old_log_prob``; by hand in the legacy trainer);
 4. ``algorithm.adv_estimator=grpo_kawhi``: :func:`compute_grpo_kawhi_advantage` — verl's GRPO
    outcome advantage times the weights. verl's generic ``compute_advantage`` passes an estimator
    only ``token_level_rewards``, ``response_mask``, ``index`` and ``config``, so
