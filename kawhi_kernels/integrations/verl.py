@@ -7,14 +7,21 @@ Data flow in a verl PPO step (see ``examples/verl_grpo_kawhi.md`` for the full r
 2. actor, inside the old-log-prob forward that already runs (remove-padding layout, one packed
    row, ``cu_seqlens`` from the unpadded lengths): :func:`capture_kawhi_alpha` computes α for
    every response token from the final layer's post-RoPE Q/K → ``kawhi_alpha``, a per-token
-   statistic like ``entropys``; under Ulysses sequence parallelism, with head-sharded Q/K,
-   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group;
-3. driver: :func:`kawhi_token_weights_from_alpha` → ``data.batch["kawhi_token_weights"]`` [B, R];
+   model output like verl's ``entropy``; under Ulysses sequence parallelism, with head-sharded Q/K,
+   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group. In verl
+   0.9.1's engine worker this happens automatically (:mod:`~kawhi_kernels.integrations.verl_engine`);
+3. trainer: :func:`kawhi_token_weights_from_alpha` → ``kawhi_token_weights`` [B, R] (done by the
+   patched v1 ``_compute_old_log_prob``; by hand in the legacy trainer);
 4. ``algorithm.adv_estimator=grpo_kawhi``: :func:`compute_grpo_kawhi_advantage` — verl's GRPO
    outcome advantage times the weights. verl's generic ``compute_advantage`` passes an estimator
    only ``token_level_rewards``, ``response_mask``, ``index`` and ``config``, so
    :func:`patch_verl_compute_advantage` routes ``grpo_kawhi`` through :func:`compute_kawhi_advantage`,
-   which also reads the weights from the batch.
+   which also reads the weights from the batch. The ``verl.plugins`` entry point
+   (:mod:`~kawhi_kernels.integrations.verl_plugin`) applies the registration and the patches in
+   every process that imports verl, for the v1 and the legacy trainer.
+
+Per-token convention: own position (see :func:`to_verl_token_layout`). Under verl's monkey patch
+of Qwen2/2.5-VL, α is tapped by :class:`~kawhi_kernels.integrations.verl_actor.VerlQwen2VLAlphaTap`.
 
 Config keys (``algorithm.kawhi.*``, read by :func:`kawhi_from_config`): ``tau`` (0.05), ``lam``
 (0.1), ``w_min`` (0.1), ``w_max`` (1.0), ``rescale`` (null | "mean"), ``heads`` (null = all, a
@@ -57,6 +64,7 @@ __all__ = [
     "packed_response_values",
     "patch_verl_compute_advantage",
     "register_verl_estimator",
+    "to_verl_token_layout",
 ]
 
 ESTIMATOR_NAME = "grpo_kawhi"
@@ -408,7 +416,9 @@ def capture_kawhi_alpha(model, *, cu_seqlens: torch.Tensor, key_mask: torch.Tens
 
 
 def packed_response_values(values: torch.Tensor, cu_seqlens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """[B, R] response-layout values from a packed per-token statistic.
+    """[B, R] response-layout values from a packed per-token statistic (own-position convention:
+    the value of response token t is read at t's own position, ``values[end-r:end]``; see
+    :func:`to_verl_token_layout` for verl's predicting-position layout).
 
     Args:
         values: [total] per-token values of packed sequences (e.g. :func:`kawhi_alpha_packed`).
@@ -430,6 +440,35 @@ def packed_response_values(values: torch.Tensor, cu_seqlens: torch.Tensor, respo
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
     cu[1:] = lengths.cumsum(0)
     return packed_to_padded(picked, cu, response_mask.shape[1])
+
+
+def to_verl_token_layout(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Shift a packed per-token statistic from KAWHI's convention to verl's, so verl's own slicing
+    recovers it.
+
+    Convention (one for the plain, TRL and verl paths): α_t and every KAWHI per-token value belong
+    to response token t and sit **at t's own position** (the query of t). verl stores per-token
+    model outputs (``log_probs``, ``entropy``) at the position that *predicts* each token and
+    slices a response of r tokens ending at ``end`` as ``values[end-r-1:end-1]``
+    (``no_padding_2_padding``, ``response_from_nested``). This returns ``out[p] = values[p+1]``
+    within each sequence (0 at a sequence's last position), so that verl's slice of ``out`` is
+    ``values[end-r:end]`` — what :func:`packed_response_values` reads from ``values``.
+
+    Args:
+        values: [total] per-token values of packed sequences, own-position convention.
+        cu_seqlens: [B+1] packing boundaries.
+    Returns:
+        [total], same dtype/device, in verl's predicting-position layout.
+    """
+    V.check_tensor("values", values, ndim=1)
+    V.check_cu_seqlens("cu_seqlens", cu_seqlens, values.shape[0], device=values.device)
+    out = torch.zeros_like(values)
+    if values.numel() > 1:
+        out[:-1] = values[1:]
+    last = cu_seqlens[1:].to(torch.int64) - 1
+    last = last[last >= 0]
+    out[last] = 0
+    return out
 
 
 def kawhi_token_weights_from_alpha(
@@ -480,9 +519,8 @@ def kawhi_token_weights_from_alpha(
     return out
 
 
-try:  # register the estimator with verl when it is installed
-    import verl.trainer.ppo.core_algos as _verl_core_algos
-except ImportError:
-    _verl_core_algos = None
-if _verl_core_algos is not None:
-    register_verl_estimator(_verl_core_algos)
+# grpo_kawhi is registered (and verl's advantage step patched) when verl imports the modules
+# concerned, in this and, through the ``verl.plugins`` entry point, every other process.
+from .verl_plugin import install as _install_verl_plugin  # noqa: E402
+
+_install_verl_plugin()

@@ -1,0 +1,222 @@
+"""α as a per-token model output of verl 0.9.1's engine worker, and the v1 trainer fetching it.
+
+Applied by :mod:`~kawhi_kernels.integrations.verl_plugin` when verl imports the modules concerned
+(so inside the Ray worker and TaskRunner actors too):
+
+* ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` — when the
+  micro-batch carries the non-tensor flag ``kawhi_alpha=True`` (set by the trainer below through
+  ``KVBatchMeta.extra_info``, which verl forwards to the worker as it does ``calculate_entropy``),
+  the policy forward that already runs (the old-log-prob forward) is wrapped with the α tap of the
+  model family: :class:`~kawhi_kernels.integrations.verl_actor.VerlQwen2VLAlphaTap` for Qwen2/2.5-VL
+  under verl's monkey patch (sp = 1 and Ulysses sp > 1), :func:`~kawhi_kernels.integrations.verl.
+  capture_kawhi_alpha` otherwise (transformers' attention interface, e.g. Qwen3-VL; sp = 1);
+* ``FSDPEngineWithLMHead.prepare_model_outputs`` — adds ``kawhi_alpha``: float32 nested (jagged,
+  the offsets of ``input_ids``) in verl's predicting-position layout
+  (:func:`~kawhi_kernels.integrations.verl.to_verl_token_layout`), like ``entropy`` / ``log_probs``;
+* ``verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_old_log_prob`` — with
+  ``algorithm.adv_estimator=grpo_kawhi`` it sets the flag, runs verl's step, fetches
+  ``kawhi_alpha`` (plus ``response_mask``, ``responses``, ``kawhi_key_mask``) from the TransferQueue,
+  and puts ``kawhi_token_weights`` (nested [B, r]) there for ``_compute_advantage``.
+
+Worker inputs: ``kawhi_key_mask``, bool nested [B, prompt+response] (jagged like ``input_ids``),
+the SGUF-selected image tokens, put into the TransferQueue with the rollout. The query tokens are
+the last ``len(response_mask[b])`` tokens of each sequence (the response).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["ALPHA_KEY", "FLAG_KEY", "KEY_MASK_KEY", "patch_engine", "patch_v1_old_log_prob"]
+
+ALPHA_KEY = "kawhi_alpha"
+FLAG_KEY = "kawhi_alpha"            # non-tensor flag in the micro-batch (bool)
+HEADS_KEY = "kawhi_heads"           # non-tensor str: comma-separated global query heads ("" = all)
+LAYER_KEY = "kawhi_layer"           # non-tensor: decoder layer (−1 = last)
+KEY_MASK_KEY = "kawhi_key_mask"     # tensor field: bool nested [B, P+R]
+_QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _non_tensor(micro_batch, key, default=None):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+
+
+def heads_flag(heads) -> str:
+    """The non-tensor form of a head list (a string: a list would be split per sample by verl)."""
+    return "" if heads is None else ",".join(str(int(h)) for h in heads)
+
+
+def _parse_heads(value) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{HEADS_KEY}: expected a comma-separated string of head indices, got {type(value).__name__}")
+    return [int(h) for h in value.split(",")]
+
+
+def _query_mask(micro_batch, cu: torch.Tensor) -> torch.Tensor | None:
+    """bool [total]: the response tokens (the last r_b of each sequence); None = all tokens."""
+    if "response_mask" not in micro_batch.keys():
+        return None
+    resp = micro_batch["response_mask"]
+    lengths = resp.offsets().diff() if resp.is_nested else torch.full((resp.shape[0],), resp.shape[1])
+    total = int(cu[-1])
+    mask = torch.zeros(total, dtype=torch.bool, device=cu.device)
+    for end, r in zip(cu[1:].tolist(), lengths.tolist()):
+        mask[end - r:end] = True
+    return mask
+
+
+def _alpha_tap(engine, micro_batch):
+    """The α tap for this engine's model, or None when the flag is off."""
+    if not _non_tensor(micro_batch, FLAG_KEY, False):
+        return None
+    if KEY_MASK_KEY not in micro_batch.keys():
+        raise KeyError(f"'{KEY_MASK_KEY}': the KAWHI α output needs the SGUF-selected image tokens, bool nested "
+                       "[B, prompt+response] like input_ids, in the batch (put it into the TransferQueue with the "
+                       "rollout)")
+    if not _non_tensor(micro_batch, "use_remove_padding", True):
+        raise NotImplementedError("kawhi_alpha: only verl's remove-padding layout (use_remove_padding=True) is supported")
+    input_ids = micro_batch["input_ids"]
+    cu = input_ids.offsets()
+    key_mask = micro_batch[KEY_MASK_KEY]
+    key_mask = (key_mask.values() if key_mask.is_nested else key_mask.reshape(-1)).bool()
+    if key_mask.numel() != int(cu[-1]):
+        raise ValueError(f"{KEY_MASK_KEY}: expected {int(cu[-1])} tokens (as input_ids), got {key_mask.numel()}")
+    heads = _parse_heads(_non_tensor(micro_batch, HEADS_KEY, ""))
+    layer = int(_non_tensor(micro_batch, LAYER_KEY, -1))
+    query_mask = _query_mask(micro_batch, cu)
+    model = getattr(engine.module, "module", engine.module)
+    sp = int(getattr(engine, "ulysses_sequence_parallel_size", 1) or 1)
+    if getattr(model.config, "model_type", None) in _QWEN2_VL_TYPES:
+        from .verl_actor import VerlQwen2VLAlphaTap
+
+        group = None
+        if sp > 1:
+            from verl.utils.ulysses import get_ulysses_sequence_parallel_group
+
+            group = get_ulysses_sequence_parallel_group()
+        return VerlQwen2VLAlphaTap(engine.module, key_mask=key_mask, query_mask=query_mask, heads=heads,
+                                   layer=layer, sp_group=group)
+    if sp > 1:
+        raise NotImplementedError(f"kawhi_alpha under Ulysses sp={sp} is implemented for Qwen2/2.5-VL only "
+                                  f"(model_type {model.config.model_type!r})")
+    from .verl import capture_kawhi_alpha
+
+    return capture_kawhi_alpha(engine.module, cu_seqlens=cu, key_mask=key_mask, query_mask=query_mask,
+                               heads=heads, layer=layer)
+
+
+def patch_engine(module) -> None:
+    """Patch ``FSDPEngineWithLMHead`` of ``verl.workers.engine.fsdp.transformer_impl`` (idempotent)."""
+    from .verl import to_verl_token_layout
+
+    cls = module.FSDPEngineWithLMHead
+    forward_step, prepare_outputs = cls.forward_step, cls.prepare_model_outputs
+    if getattr(forward_step, "_kawhi_wrapped", False):
+        return
+
+    @functools.wraps(forward_step)
+    def kawhi_forward_step(self, micro_batch, loss_function, forward_only):
+        tap = _alpha_tap(self, micro_batch)
+        if tap is None:
+            return forward_step(self, micro_batch, loss_function, forward_only)
+        self._kawhi_tap = tap
+        try:
+            with tap:
+                return forward_step(self, micro_batch, loss_function, forward_only)
+        finally:
+            self._kawhi_tap = None
+
+    @functools.wraps(prepare_outputs)
+    def kawhi_prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        model_output = prepare_outputs(self, output, output_args, micro_batch, logits_processor_func)
+        tap = getattr(self, "_kawhi_tap", None)
+        if tap is not None:
+            if tap.alpha is None:
+                raise RuntimeError("kawhi_alpha: the α tap did not fire during the policy forward (layer "
+                                   f"{_non_tensor(micro_batch, LAYER_KEY, -1)}); is the model's attention patched "
+                                   "by something the tap does not know?")
+            cu = micro_batch["input_ids"].offsets()
+            alpha = tap.alpha.float()[: int(cu[-1])]
+            model_output[ALPHA_KEY] = torch.nested.nested_tensor_from_jagged(to_verl_token_layout(alpha, cu), cu)
+        return model_output
+
+    kawhi_forward_step._kawhi_wrapped = True
+    cls.forward_step = kawhi_forward_step
+    cls.prepare_model_outputs = kawhi_prepare_model_outputs
+
+
+def weights_from_fetched(data, tokenizer, algorithm_config) -> torch.Tensor:
+    """``kawhi_token_weights`` nested [B, r] from the TransferQueue fields of the old-log-prob step.
+
+    Args:
+        data: TensorDict with ``kawhi_alpha`` (nested [B, P+R], verl's layout), ``response_mask``
+            and ``responses`` (nested [B, r]) and optionally ``kawhi_key_mask`` (rows without a
+            selected image key get weight 1).
+        tokenizer: the trainer's tokenizer (paragraphs come from the decoded responses).
+        algorithm_config: ``algorithm`` (reads ``algorithm.kawhi.*``).
+    """
+    from verl.workers.utils.padding import response_from_nested
+
+    from .rl import response_texts_and_offsets
+    from .verl import kawhi_from_config, kawhi_token_weights_from_alpha
+
+    kawhi, _ = kawhi_from_config(algorithm_config)
+    resp_mask = data["response_mask"]
+    alpha = response_from_nested(data[ALPHA_KEY], resp_mask).to_padded_tensor(0.0).float()
+    mask = resp_mask.to_padded_tensor(0).bool()
+    responses = data["responses"].to_padded_tensor(0)
+    texts, offsets = response_texts_and_offsets(tokenizer, responses, mask)
+    has_image = None
+    if KEY_MASK_KEY in data.keys():
+        has_image = torch.stack([row.bool().any() for row in data[KEY_MASK_KEY].unbind()])
+    weights = kawhi_token_weights_from_alpha(alpha, mask, texts, offsets, has_image=has_image, delimiter=kawhi.delimiter,
+                                             **kawhi.weight_params)
+    lengths = resp_mask.offsets().diff().tolist()
+    return torch.nested.as_nested_tensor([weights[i, :n] for i, n in enumerate(lengths)], layout=torch.jagged)
+
+
+def patch_v1_old_log_prob(module) -> None:
+    """Patch ``PPOTrainer._compute_old_log_prob`` of ``verl.trainer.ppo.v1.trainer_base`` (idempotent)."""
+    trainer = module.PPOTrainer
+    original = trainer._compute_old_log_prob
+    if getattr(original, "_kawhi_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _compute_old_log_prob(self, batch, metrics):
+        from tensordict import TensorDict
+
+        from .verl import ESTIMATOR_NAME, WEIGHTS_KEY, kawhi_from_config
+
+        algorithm = self.config.algorithm
+        if getattr(algorithm.adv_estimator, "value", algorithm.adv_estimator) != ESTIMATOR_NAME:
+            return original(self, batch, metrics)
+        rollout_corr = algorithm.get("rollout_correction", None)
+        if rollout_corr and rollout_corr.get("bypass_mode", False):
+            raise NotImplementedError("grpo_kawhi needs the old-log-prob forward for α; "
+                                      "algorithm.rollout_correction.bypass_mode=true skips it")
+        kawhi, layer = kawhi_from_config(algorithm)
+        flags = {FLAG_KEY: True, HEADS_KEY: heads_flag(kawhi.heads), LAYER_KEY: layer}
+        batch.extra_info.update(flags)
+        try:
+            out = original(self, batch, metrics)
+        finally:
+            for key in flags:
+                batch.extra_info.pop(key, None)
+        for key in flags:                                   # later steps (ref, update) must not tap
+            out.extra_info.pop(key, None)
+        fields = [ALPHA_KEY, "response_mask", "responses"]
+        if KEY_MASK_KEY in (out.fields or batch.fields or []):
+            fields.append(KEY_MASK_KEY)
+        data = module.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        weights = weights_from_fetched(data, self.tokenizer, algorithm)
+        return module.tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                                      fields=TensorDict({WEIGHTS_KEY: weights}, batch_size=[len(batch.keys)]))
+
+    _compute_old_log_prob._kawhi_wrapped = True
+    trainer._compute_old_log_prob = _compute_old_log_prob

@@ -1,0 +1,400 @@
+"""KAWHI against real verl 0.9.1 (skipped where verl is not installed).
+
+One local Ray cluster is shared by the module (started as ``main_ppo.run_ppo`` starts it, with
+verl's PPO runtime env); the TransferQueue of the v1 trainer runs on it.
+"""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="needs verl[verl-core]==0.9.1")
+ray = pytest.importorskip("ray")
+tq = pytest.importorskip("transfer_queue")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
+
+from kawhi_kernels.integrations import verl as kv  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    env = get_ppo_ray_runtime_env()
+    env.setdefault("env_vars", {})["TRANSFER_QUEUE_ENABLE"] = "1"
+    # 1 CPU for the TaskRunner actor, 1 for the TransferQueue controller, 1 for its storage unit
+    ray.init(num_cpus=3, runtime_env=env, include_dashboard=False, log_to_driver=False)
+    # the probes below are defined in this test module, which Ray workers cannot import
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    try:
+        tq.close()
+    finally:
+        ray.shutdown()
+
+
+def _grpo_reference(scores, index, eps=1e-6):
+    out = torch.zeros_like(scores)
+    for i, uid in enumerate(index):
+        members = torch.stack([scores[j] for j in range(len(index)) if index[j] == uid])
+        mean, std = (torch.tensor(0.0), torch.tensor(1.0)) if members.numel() == 1 else (members.mean(), members.std())
+        out[i] = (scores[i] - mean) / (std + eps)
+    return out
+
+
+def _rollout(seed=0):
+    """6 responses of 2 prompts (G = 3), ragged response lengths, outcome reward on the last token."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 2, 4, 3, 5, 1]
+    uids = ["p0", "p0", "p0", "p1", "p1", "p1"]
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    weights = [0.1 + 0.9 * torch.rand(n, generator=g) for n in lengths]
+    rewards = []
+    for n, s in zip(lengths, scores):
+        r = torch.zeros(n)
+        r[-1] = s
+        rewards.append(r)
+    return lengths, uids, scores, weights, rewards
+
+
+# ------------------------------------------------------------------------------- registration
+
+
+def test_estimator_through_get_adv_estimator_fn():
+    fn = core_algos.get_adv_estimator_fn("grpo_kawhi")
+    assert fn is kv.compute_grpo_kawhi_advantage
+    lengths, uids, scores, weights, rewards = _rollout()
+    mask = torch.zeros(6, 5)
+    padded_w = torch.ones(6, 5)
+    padded_r = torch.zeros(6, 5)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        padded_w[i, :n] = weights[i]
+        padded_r[i, :n] = rewards[i]
+    adv, _ = fn(token_level_rewards=padded_r, response_mask=mask, index=np.array(uids, dtype=object),
+                config=OmegaConf.create({"norm_adv_by_std_in_grpo": True}), kawhi_token_weights=padded_w)
+    expected = _grpo_reference(scores, uids)[:, None] * mask * padded_w
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    # verl's own grpo estimator times the weights gives the same
+    grpo, _ = core_algos.get_adv_estimator_fn("grpo")(padded_r, mask, np.array(uids, dtype=object))
+    torch.testing.assert_close(adv, grpo * padded_w, atol=1e-5, rtol=1e-5)
+
+
+def _probe_in_actor(runner):
+    """Runs inside the TaskRunnerV1 actor: what that process knows (it never imported kawhi_kernels
+    itself; ``import verl`` did, through the entry point)."""
+    import verl.trainer.ppo.core_algos as ca
+    import verl.trainer.ppo.v1.trainer_base as tb
+    import verl.workers.engine.fsdp.transformer_impl as ti   # what the engine workers import
+
+    fn = ca.ADV_ESTIMATOR_REGISTRY.get("grpo_kawhi")
+    plugin = sys.modules.get("kawhi_kernels.integrations.verl_plugin")
+    if plugin is None:  # say why verl's entry-point loader (which only logs at debug level) failed
+        import traceback
+        from importlib.metadata import entry_points
+        try:
+            for ep in entry_points(group="verl.plugins"):
+                ep.load()
+            return {"error": "plugin not loaded by import verl, but loads when asked"}
+        except Exception:
+            return {"error": traceback.format_exc()}
+    return {
+        "pid": os.getpid(),
+        "registered": None if fn is None else f"{fn.__module__}.{fn.__qualname__}",
+        "v1_advantage_patched": bool(getattr(tb.PPOTrainer._compute_advantage, "_kawhi_wrapped", False)),
+        "v1_multi_patched": bool(getattr(tb.compute_advantage_for_multi_trajectories, "_kawhi_wrapped", False)),
+        "v1_old_log_prob_patched": bool(getattr(tb.PPOTrainer._compute_old_log_prob, "_kawhi_wrapped", False)),
+        "engine_patched": bool(getattr(ti.FSDPEngineWithLMHead.forward_step, "_kawhi_wrapped", False)),
+        "status": plugin.plugin_status(),
+    }
+
+
+def test_registration_inside_task_runner_actor(ray_session):
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    runner = TaskRunnerV1.remote()                    # as main_ppo.run_ppo starts it
+    seen = ray.get(runner.__ray_call__.remote(_probe_in_actor), timeout=180)
+    ray.kill(runner)
+    assert "error" not in seen, seen.get("error")
+    assert seen["pid"] != os.getpid()
+    assert seen["registered"] == "kawhi_kernels.integrations.verl.compute_grpo_kawhi_advantage"
+    assert seen["v1_advantage_patched"] and seen["v1_multi_patched"]
+    assert seen["v1_old_log_prob_patched"] and seen["engine_patched"]
+    assert set(seen["status"].values()) == {"ok"}, seen["status"]
+
+
+# ------------------------------------------------------------------ the v1 trainer's advantage step
+
+
+def _v1_trainer(adv_estimator):
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync   # trainer.v1.trainer_mode's default class
+
+    trainer = object.__new__(PPOTrainerSync)          # only the config is read by _compute_advantage
+    trainer.config = OmegaConf.create({
+        "algorithm": {"adv_estimator": adv_estimator, "gamma": 1.0, "lam": 1.0, "use_kl_in_reward": False,
+                      "norm_adv_by_std_in_grpo": True, "kawhi": {"tau": 0.05}},
+        "actor_rollout_ref": {"rollout": {"n": 3}},
+    })
+    return trainer
+
+
+def _put_rollout(partition, with_weights=True):
+    lengths, uids, scores, weights, rewards = _rollout()
+    keys, fields = [], []
+    for i, n in enumerate(lengths):
+        keys.append(f"{uids[i]}_{i % 3}_0")           # {uid}_{session_id}_{index}, one turn each
+        field = {"uid": uids[i], "response_mask": torch.ones(n, dtype=torch.int64), "rm_scores": rewards[i],
+                 "rollout_log_probs": torch.zeros(n), "old_log_probs": torch.zeros(n),
+                 "ref_log_prob": torch.zeros(n), "values": torch.zeros(n)}
+        if with_weights:
+            field[kv.WEIGHTS_KEY] = weights[i]
+        fields.append(field)
+    return tq.kv_batch_put(keys=keys, partition_id=partition, fields=list_of_dict_to_tensordict(fields)), \
+        lengths, uids, scores, weights
+
+
+def test_v1_trainer_compute_advantage_with_transfer_queue(ray_session):
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    meta, lengths, uids, scores, weights = _put_rollout("train_kawhi")
+    _v1_trainer("grpo_kawhi")._compute_advantage(meta, metrics={})
+    out = tq.kv_batch_get(keys=meta.keys, partition_id="train_kawhi", select_fields=["advantages", "returns"])
+    adv = out["advantages"]
+    group = _grpo_reference(scores, uids)
+    for i, row in enumerate(adv.unbind()):
+        torch.testing.assert_close(row, group[i] * weights[i], atol=1e-5, rtol=1e-5)
+
+    # plain grpo through the same (patched) step is unchanged: the group advantage, unweighted
+    meta, *_ = _put_rollout("train_grpo", with_weights=False)
+    _v1_trainer("grpo")._compute_advantage(meta, metrics={})
+    out = tq.kv_batch_get(keys=meta.keys, partition_id="train_grpo", select_fields=["advantages"])
+    for i, row in enumerate(out["advantages"].unbind()):
+        torch.testing.assert_close(row, group[i].expand(lengths[i]), atol=1e-5, rtol=1e-5)
+
+    # grpo_kawhi without weights in the queue: a clear error naming the field
+    meta, *_ = _put_rollout("train_missing", with_weights=False)
+    with pytest.raises(KeyError, match="kawhi_token_weights"):
+        _v1_trainer("grpo_kawhi")._compute_advantage(meta, metrics={})
+
+
+def test_legacy_compute_advantage_routes_grpo_kawhi():
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+
+    lengths, uids, scores, weights, rewards = _rollout()
+    mask = torch.zeros(6, 5)
+    padded_w = torch.ones(6, 5)
+    padded_r = torch.zeros(6, 5)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        padded_w[i, :n] = weights[i]
+        padded_r[i, :n] = rewards[i]
+    data = DataProto.from_dict(tensors={"token_level_rewards": padded_r, "response_mask": mask,
+                                        kv.WEIGHTS_KEY: padded_w},
+                               non_tensors={"uid": np.array(uids, dtype=object)})
+    out = ray_trainer.compute_advantage(data, adv_estimator="grpo_kawhi", norm_adv_by_std_in_grpo=True,
+                                        config=OmegaConf.create({}))
+    expected = _grpo_reference(scores, uids)[:, None] * mask * padded_w
+    torch.testing.assert_close(out.batch["advantages"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- per-token alignment
+
+
+def test_token_layout_round_trips_through_verl_slicing():
+    """KAWHI's own-position values, shifted by to_verl_token_layout, come out of verl's own
+    no_padding_2_padding / response_from_nested exactly as packed_response_values reads them."""
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import no_padding_2_padding, response_from_nested
+
+    g = torch.Generator().manual_seed(5)
+    prompt_lens, response_lens = [3, 1, 6, 2], [4, 5, 1, 3]
+    seq = [p + r for p, r in zip(prompt_lens, response_lens)]
+    cu = torch.tensor([0] + np.cumsum(seq).tolist())
+    values = torch.randn(int(cu[-1]), generator=g)
+    response_mask = torch.zeros(4, max(response_lens), dtype=torch.int64)
+    for i, r in enumerate(response_lens):
+        response_mask[i, :r] = 1
+    expected = kv.packed_response_values(values, cu, response_mask)
+
+    shifted = kv.to_verl_token_layout(values, cu)
+    nested = torch.nested.nested_tensor_from_jagged(shifted, cu)
+    data = TensorDict({
+        "prompts": torch.nested.as_nested_tensor([torch.ones(p, dtype=torch.int64) for p in prompt_lens],
+                                                 layout=torch.jagged),
+        "responses": torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.int64) for r in response_lens],
+                                                   layout=torch.jagged),
+    }, batch_size=[4])
+    padded = no_padding_2_padding(nested, data)
+    torch.testing.assert_close(padded * response_mask, expected)
+    resp_nested = torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.int64) for r in response_lens],
+                                                layout=torch.jagged)
+    from_nested = response_from_nested(nested, resp_nested)
+    for i, row in enumerate(from_nested.unbind()):
+        torch.testing.assert_close(row, expected[i, :response_lens[i]])
+    # without the shift, verl's slice is one position early (the token that predicts t)
+    unshifted = no_padding_2_padding(torch.nested.nested_tensor_from_jagged(values, cu), data)
+    assert not torch.allclose(unshifted * response_mask, expected)
+
+
+# ------------------------------------------------- actor-side α in verl's patched Qwen2.5-VL forward
+
+
+def _run_worker(tmp_path, sp):
+    import json
+    import subprocess
+
+    out = tmp_path / f"alpha_sp{sp}.json"
+    worker = os.path.join(os.path.dirname(__file__), "verl_qwen_vl_worker.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, worker, str(out), str(sp)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _check_engine_output(result):
+    """kawhi_alpha out of verl's FSDPEngineWithLMHead.forward_step / prepare_model_outputs: nested
+    beside verl's own log_probs / entropy, in verl's layout, equal to the reference."""
+    assert result["engine_outputs"] == ["entropy", "kawhi_alpha", "log_probs"], result["engine_outputs"]
+    assert result["engine_alpha_nested"]
+    values, ref = torch.tensor(result["engine_alpha_values"]), torch.tensor(result["ref_verl_layout"])
+    torch.testing.assert_close(values, ref, atol=1e-2, rtol=0)
+    for row, expected in zip(result["engine_alpha_response"], result["ref_response"]):  # verl's response_from_nested
+        torch.testing.assert_close(torch.tensor(row), torch.tensor(expected), atol=1e-2, rtol=0)
+    assert max(abs(v) for row in result["ref_response"] for v in row) > 0.05
+
+
+def test_alpha_in_verl_patched_qwen2_5_vl_forward_sp1(tmp_path):
+    result = _run_worker(tmp_path, 1)
+    assert result["hf_capture_alpha_is_none"]          # verl's patch bypasses transformers' attention interface
+    assert result["ref_abs_max"] > 0.05                # α is not trivially 0
+    assert result["max_abs_err"] < 1e-2, result        # bf16 q/k, as verl casts them
+    assert result["off_query_zero"]
+    _check_engine_output(result)
+
+
+def test_alpha_under_ulysses_sp2_over_gloo(tmp_path):
+    result = _run_worker(tmp_path, 2)                  # two CPU processes, verl's all-to-all, padded to 34
+    assert result["total"] % 2 == 1                    # the packed row needed Ulysses padding
+    assert result["ref_abs_max"] > 0.05
+    assert result["max_abs_err"] < 1e-2, result
+    assert result["off_query_zero"]
+    _check_engine_output(result)                       # verl's ulysses_pad, all-to-all and gather_outputs_and_unpad
+
+
+# ------------------------------------------------ v1 _compute_old_log_prob: fetch α, put the weights
+
+
+class _CharTokenizer:
+    """ids → characters; id 0 decodes to a paragraph break."""
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        return "".join("\n\n" if i == 0 else chr(ord("a") + i % 26) for i in ids)
+
+
+class _EngineWorkerGroup:
+    """Plays the actor worker group's compute_log_prob: checks verl's extra_info carries the KAWHI
+    flag, and puts log_probs / entropy / kawhi_alpha (nested, verl's layout) into the TransferQueue
+    as the patched engine does."""
+
+    def __init__(self, alpha_own, cu):
+        self.alpha_own, self.cu, self.extra_info = alpha_own, cu, None
+
+    def compute_log_prob(self, batch):
+        from tensordict import TensorDict
+
+        self.extra_info = dict(batch.extra_info)
+        lens = self.cu.diff().tolist()
+        nested = lambda v: torch.nested.nested_tensor_from_jagged(v, self.cu)  # noqa: E731
+        fields = TensorDict({"log_probs": nested(-torch.rand(int(self.cu[-1]))),
+                             "entropy": nested(torch.rand(int(self.cu[-1]))),
+                             "kawhi_alpha": nested(kv.to_verl_token_layout(self.alpha_own, self.cu))},
+                            batch_size=[len(lens)])
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+
+def test_v1_old_log_prob_fetches_alpha_and_puts_weights(ray_session):
+    from verl.trainer.ppo.v1 import trainer_base
+
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    lengths, uids, scores, _, rewards = _rollout()
+    prompt_lens = [3, 4, 2, 5, 3, 4]
+    g = torch.Generator().manual_seed(11)
+    keys, fields, alpha_rows, has_image = [], [], [], []
+    for i, (p, r) in enumerate(zip(prompt_lens, lengths)):
+        keys.append(f"{uids[i]}_{i % 3}_0")
+        key_mask = torch.zeros(p + r, dtype=torch.bool)
+        key_mask[:p - 1] = i != 4                       # row 4: no selected image key -> weight 1
+        has_image.append(i != 4)
+        responses = torch.randint(1, 30, (r,), generator=g)
+        responses[r // 2] = 0                           # a paragraph break inside longer responses
+        fields.append({"uid": uids[i], "input_ids": torch.randint(1, 30, (p + r,), generator=g),
+                       "responses": responses, "response_mask": torch.ones(r, dtype=torch.int64),
+                       "rm_scores": rewards[i], "kawhi_key_mask": key_mask})
+        alpha_rows.append(torch.rand(p + r, generator=g) - 0.3)
+    meta = tq.kv_batch_put(keys=keys, partition_id="train_olp", fields=list_of_dict_to_tensordict(fields))
+    cu = torch.tensor([0] + np.cumsum([p + r for p, r in zip(prompt_lens, lengths)]).tolist())
+    trainer = _v1_trainer("grpo_kawhi")
+    trainer.config.algorithm.kawhi.heads = [0, 2]
+    trainer.config.actor_rollout_ref.rollout.update({"temperature": 1.0, "calculate_log_probs": False})
+    trainer.config.actor_rollout_ref.actor = {"loss_agg_mode": "token-mean", "loss_scale_factor": None}
+    trainer.tokenizer = _CharTokenizer()
+    trainer.actor_rollout_wg = _EngineWorkerGroup(torch.cat(alpha_rows), cu)
+    meta = trainer_base.PPOTrainer._compute_old_log_prob(trainer, meta, metrics={})
+
+    flags = trainer.actor_rollout_wg.extra_info     # what verl forwards to the engine's micro-batches
+    assert flags["kawhi_alpha"] is True and flags["kawhi_heads"] == "0,2" and flags["kawhi_layer"] == -1
+    assert flags["calculate_entropy"] is True
+    assert "kawhi_alpha" not in meta.extra_info      # the ref / update steps do not tap
+    got = tq.kv_batch_get(keys=keys, partition_id="train_olp", select_fields=[kv.WEIGHTS_KEY, "old_log_probs"])
+
+    from kawhi_kernels.integrations.rl import response_texts_and_offsets
+    width = max(lengths)
+    alpha = torch.zeros(6, width)
+    mask = torch.zeros(6, width, dtype=torch.bool)
+    resp = torch.zeros(6, width, dtype=torch.int64)
+    for i, r in enumerate(lengths):
+        alpha[i, :r] = alpha_rows[i][-r:]                # own-position α of the response tokens
+        mask[i, :r] = True
+        resp[i, :r] = fields[i]["responses"]
+    texts, offsets = response_texts_and_offsets(_CharTokenizer(), resp, mask)
+    expected = kv.kawhi_token_weights_from_alpha(alpha, mask, texts, offsets, has_image=torch.tensor(has_image),
+                                                 tau=0.05)
+    for i, row in enumerate(got[kv.WEIGHTS_KEY].unbind()):
+        torch.testing.assert_close(row, expected[i, :lengths[i]])
+    assert torch.all(got[kv.WEIGHTS_KEY].unbind()[4] == 1.0)
+    assert not torch.allclose(expected[mask], torch.ones(int(mask.sum())))   # the weights are not trivially 1
+
+    # and the already-patched advantage step consumes them: group advantage × weights
+    trainer._compute_advantage(meta, metrics={})
+    adv = tq.kv_batch_get(keys=keys, partition_id="train_olp", select_fields=["advantages"])["advantages"]
+    group = _grpo_reference(scores, uids)
+    for i, row in enumerate(adv.unbind()):
+        torch.testing.assert_close(row, group[i] * expected[i, :lengths[i]], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- Hydra config keys
+
+
+def test_hydra_config_needs_plus_prefix_and_kawhi_from_config_reads_it():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=[
+            "algorithm.adv_estimator=grpo_kawhi", "+algorithm.kawhi.tau=0.2", "+algorithm.kawhi.heads=[0,2]",
+            "+algorithm.kawhi.layer=-1"])
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="ppo_trainer", overrides=["algorithm.kawhi.tau=0.2"])   # without '+'
+    assert cfg.trainer.use_v1                                   # the default trainer is v1
+    kawhi, layer = kv.kawhi_from_config(cfg.algorithm)
+    assert kawhi.weight_params["tau"] == 0.2 and kawhi.heads == [0, 2] and layer == -1
+    assert core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator) is kv.compute_grpo_kawhi_advantage
