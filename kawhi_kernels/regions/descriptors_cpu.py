@@ -13,7 +13,9 @@ stage-by-stage reference in :mod:`.descriptors` does for clarity, while keeping 
   rim that becomes the Sobel padding (a copy of the edge rows and columns, as scipy's reflect);
   no per-stage padding copies;
 * Sobel, the products and the patch means with the same torch operations, in the same order,
-  as the reference, so every value after L is bit-identical to it for identical L;
+  as the reference, so for identical L the values agree to rounding (mostly bit for bit: torch
+  may use FMA in the vectorised body of an add and not in its tail, and the rows here are
+  laid out at other widths);
 * every full-image temporary lives in a per-thread workspace that is reused from call to call
   (a dataloader worker sees one image size after another): fresh multi-megabyte allocations
   cost page faults that, on one core, took longer than the arithmetic. A batch is processed
