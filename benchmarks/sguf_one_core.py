@@ -80,7 +80,7 @@ def _stage_times(image: np.ndarray, grid, rounds: int) -> list[tuple[str, float]
 
     def light():
         buf = ws.get("c", (h + 2 * r, w + 2 * r), np.float32)
-        cpu._lightness_into(buf[r:r + h, r:r + w], state["y"])
+        cpu._lightness_into(buf[r:r + h, r:r + w], state["y"], ws)
         cpu._fill_rim(buf, h, w, r)
         state["L"] = torch.from_numpy(buf)
 

@@ -92,15 +92,20 @@ def _luminance(image: np.ndarray, dtype: torch.dtype, ws: _Workspace = _WORKSPAC
     return y.reshape(h, w)
 
 
-def _lightness_into(out: np.ndarray, y: np.ndarray) -> None:
+def _lightness_into(out: np.ndarray, y: np.ndarray, ws: _Workspace | None = None) -> None:
     """CIELab L = 116 f(Y) - 16 of Y [H, W] (reference white Y = 1) into ``out`` [H, W]; ``y``
     (contiguous) is overwritten with f(Y)."""
+    ws = _WORKSPACE if ws is None else ws
     t = y.dtype.type
     flat = y.reshape(-1)
-    dark = np.flatnonzero(flat <= t(_LAB_EPSILON))  # linear branch of f, patched afterwards
-    dark_y = flat[dark]
+    dark = np.less_equal(flat, t(_LAB_EPSILON), out=ws.get("mask", flat.shape, np.bool_))
+    linear = None
+    if dark.any():  # the linear branch of f (L < 8), computed where needed and blended in
+        linear = np.multiply(flat, t(_LAB_KAPPA), out=ws.get("b", flat.shape, y.dtype))
+        linear += t(16.0 / 116.0)
     np.cbrt(flat, out=flat)
-    flat[dark] = dark_y * t(_LAB_KAPPA) + t(16.0 / 116.0)
+    if linear is not None:
+        np.copyto(flat, linear, where=dark)
     np.multiply(y, t(116.0), out=out)
     out -= t(16.0)
 
@@ -154,7 +159,7 @@ def _descriptors_one(pixels: np.ndarray, grid: tuple[int, int], p: int, kernel: 
     # "c" padded L then gx; "d" gy. Each name holds one live array at a time.
     y = _luminance(pixels, dtype, ws)
     light = ws.get("c", (h + 2 * r, w + 2 * r), np_dtype)
-    _lightness_into(light[r:r + h, r:r + w], y)
+    _lightness_into(light[r:r + h, r:r + w], y, ws)
     _fill_rim(light, h, w, r)
 
     # Gaussian, rows first (as scipy), then columns, into the interior of a 1-pixel-rim buffer.
