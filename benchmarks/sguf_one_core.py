@@ -20,15 +20,15 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before numpy/scipy/torch load their thread pools
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 # (name, grid (gh, gw), patch P): 1008 x 1008 is Qwen2.5-VL's 36 x 36 grid of 28-px patches.
 IMAGES = [("1008x1008-p28", (36, 36), 28), ("1024x1024-p32", (32, 32), 32)]
@@ -44,9 +44,10 @@ def _pin_to_one_core() -> str:
 
 
 def _images(grid, patch, count):
-    from kawhi_kernels.bench.inputs import synthetic_image
     from PIL import Image
     from skimage import data
+
+    from kawhi_kernels.bench.inputs import synthetic_image
 
     gh, gw = grid
     photo = np.array(Image.fromarray(data.astronaut()).resize((gw * patch, gh * patch), Image.BILINEAR))
@@ -63,7 +64,11 @@ def _stage_times(image: np.ndarray, grid, rounds: int) -> list[tuple[str, float]
     """Median ms of each stage of our CPU path on ``image`` (a copy of the steps of
     ``descriptors_cpu._descriptors_one``, on the same workspace buffers, then the rest of the op)."""
     from kawhi_kernels.regions import descriptors_cpu as cpu
-    from kawhi_kernels.regions.descriptors import _patch_mean, gaussian_kernel1d, structure_eigenvalues
+    from kawhi_kernels.regions.descriptors import (
+        _patch_mean,
+        gaussian_kernel1d,
+        structure_eigenvalues,
+    )
     from kawhi_kernels.regions.sguf import key_regions_from_descriptors
 
     dtype = torch.float32
@@ -153,9 +158,9 @@ def main(argv=None) -> None:
 
     pinned = _pin_to_one_core()
     union_find = "C++" if load_extension() is not None else "NumPy fallback"
-    lines = [f"| image | grid | scikit-image/SciPy ms (median / min) | select_key_regions ms "
-             f"(median / min) | speed-up (medians) | speed-up (median of paired runs) | "
-             f"labels as the fp64 baseline |",
+    lines = [("| image | grid | scikit-image/SciPy ms (median / min) | select_key_regions ms "
+              "(median / min) | speed-up (medians) | speed-up (median of paired runs) | "
+              "labels as the fp64 baseline |"),
              "|---|---|---|---|---|---|---|"]
     for name, grid, patch in IMAGES:
         images = _images(grid, patch, args.images)
@@ -163,8 +168,9 @@ def main(argv=None) -> None:
         base_t, ours_t = [], []
         for rnd in range(args.rounds + 1):  # round 0 warms both up
             for i, (im, t) in enumerate(zip(images, tensors)):
-                b = _time(lambda: sguf_numpy(im, grid, rng=np.random.default_rng(i)))
-                o = _time(lambda: select_key_regions(t, grid, generator=torch.Generator().manual_seed(i)))
+                b = _time(lambda im=im, i=i, grid=grid: sguf_numpy(im, grid, rng=np.random.default_rng(i)))
+                o = _time(lambda t=t, i=i, grid=grid: select_key_regions(
+                    t, grid, generator=torch.Generator().manual_seed(i)))
                 if rnd:
                     base_t.append(b)
                     ours_t.append(o)
