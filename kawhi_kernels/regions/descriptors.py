@@ -248,13 +248,36 @@ def patch_descriptors(image, grid_hw, *, sigma: float = 1.0,
         (lam_max, lam_min, lightness), each ``dtype`` [N] (or [B, N]) with N = gh*gw, on the
         image's device: eigenvalues λmax >= λmin >= 0 of the patch-mean structure tensor of the
         Sobel gradients of smoothed CIELab L, and the patch-mean smoothed L (0..100).
+        CPU images take the fast path of :mod:`.descriptors_cpu` (same values; L may differ from
+        :func:`patch_descriptors_reference` by an ulp, the cube root being exact there).
     """
     image = check_image(image, allow_batch=True)
     grid = check_grid_hw(grid_hw)
     sigma = check_real("sigma", sigma, low=0.0, low_inclusive=False)
     check_dtype(dtype)
     p = patch_size((image.shape[-3], image.shape[-2]), grid)
+    if image.device.type == "cpu":
+        from .descriptors_cpu import patch_descriptors_cpu
+        return patch_descriptors_cpu(image, grid, p, sigma, dtype)
+    return _patch_descriptors_staged(image, grid, p, sigma, dtype)
 
+
+def patch_descriptors_reference(image, grid_hw, *, sigma: float = 1.0,
+                                dtype: torch.dtype = torch.float32
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`patch_descriptors` stage by stage (lightness, Gaussian, Sobel, patch means) on the
+    image's device, CPU included: the readable reference the fast CPU path
+    (:mod:`.descriptors_cpu`) is tested against. Same arguments and results."""
+    image = check_image(image, allow_batch=True)
+    grid = check_grid_hw(grid_hw)
+    sigma = check_real("sigma", sigma, low=0.0, low_inclusive=False)
+    check_dtype(dtype)
+    p = patch_size((image.shape[-3], image.shape[-2]), grid)
+    return _patch_descriptors_staged(image, grid, p, sigma, dtype)
+
+
+def _patch_descriptors_staged(image: torch.Tensor, grid: tuple[int, int], p: int, sigma: float,
+                              dtype: torch.dtype):
     smoothed = gaussian_smooth(srgb_to_lightness(image, dtype=dtype), sigma)
     gx, gy = sobel_gradients(smoothed)
     jxx = _patch_mean(gx * gx, grid, p)
