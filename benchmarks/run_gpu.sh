@@ -174,7 +174,7 @@ run_phase() {
     local detail; detail="$(grep -m1 '^REFUSED' "$OUT/$name.log" || tail -n 1 "$OUT/$name.log")"
     tail -n 8 "$OUT/$name.log"
     "$PYTHON" -m kawhi_kernels.bench.session record --out "$OUT" --phase "$name" --rc "$rc" \
-        --seconds $(( $(date +%s) - t0 )) --detail "${detail:0:300}"
+        --seconds $(( $(date +%s) - t0 )) --timeout "$t" --detail "${detail:0:300}"
     say "phase $name: exit $rc"
 }
 

@@ -55,15 +55,19 @@ PHASES = (
 )
 
 # Headline sweeps of the benchmark phase: (label, extra CLI arguments, share of the phase's time).
-# Sweep 1 has every attention_mass baseline on the target shape and flash-colreduce on its own
-# column-sum shape; sweep 2 the other targets without the torch.compile'd FlexAttention (one
-# compile per shape would cost ~30 s each).
+# Separate sweeps so one slow case cannot eat another's time: the torch.compile of FlexAttention
+# (tens of seconds on its first shape) runs last; the column-sum shape has no naive baseline (it
+# would materialise 32 x 16k x 16k fp32 scores, ~100 GB with temporaries).
 GPU_SWEEPS = (
-    ("attention", ["--ops", "attention_mass", "--shapes", "^am-target-7b$|^am-colsum-16kx16k$"], 0.55),
+    ("attention-7b", ["--ops", "attention_mass", "--shapes", "^am-target-7b$",
+                      "--backends", "naive,torch,triton,cuda,flash"], 0.25),
+    ("colreduce", ["--ops", "attention_mass", "--shapes", "^am-colsum-16kx16k$",
+                   "--backends", "torch,triton,cuda,flash,flash_colreduce"], 0.15),
     ("targets", ["--shapes", "^am-target-4b$|^am-target-seg16$|^cos-target-7b$|^sguf-32x32-p28$"
                  "|^kawhi-7b-width$",
                  "--backends", "naive,torch,triton,cuda,flash,read_bound,numpy_skimage,kawhi,"
-                 "forward,forward+capture,forward+capture+kawhi"], 0.45),
+                 "forward,forward+capture,forward+capture+kawhi"], 0.35),
+    ("flex", ["--ops", "attention_mass", "--shapes", "^am-target-7b$", "--backends", "naive,flex"], 0.25),
 )
 CPU_SWEEPS = (
     ("quick", ["--quick", "--shapes", "^q-am-L256-r16$|^q-am-colsum-256$|^q-cos-L256-r1$|^q-sguf|^q-kawhi"], 1.0),
@@ -200,8 +204,9 @@ def phase_status(rc: int | None, skip: str | None = None) -> str:
 
 
 def record_phase(out: Path, phase: str, rc: int | None, seconds: float, detail: str = "",
-                 skip: str | None = None) -> Path:
-    """Append one phase's outcome to ``out/phases.csv`` and rewrite ``out/phases.md``."""
+                 skip: str | None = None, timeout: int | None = None) -> Path:
+    """Append one phase's outcome to ``out/phases.csv`` and rewrite ``out/phases.md``
+    (``timeout``: the one it ran under, default the phase's own)."""
     known = {p.name: p for p in PHASES}
     if phase not in known:
         raise ValueError(f"phase: expected one of {sorted(known)}, got {phase!r}")
@@ -213,7 +218,7 @@ def record_phase(out: Path, phase: str, rc: int | None, seconds: float, detail: 
         if new:
             writer.writeheader()
         writer.writerow(dict(phase=phase, status=phase_status(rc, skip), rc="" if rc is None else rc,
-                             seconds=f"{seconds:.0f}", timeout=known[phase].timeout,
+                             seconds=f"{seconds:.0f}", timeout=timeout or known[phase].timeout,
                              detail=" ".join(detail.split())))
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seconds", type=float, default=0.0)
     r.add_argument("--detail", default="")
     r.add_argument("--skip", default="")
+    r.add_argument("--timeout", type=int, default=None)
     sub.add_parser("budget")
     args = parser.parse_args(argv)
     if args.cmd == "plan":
@@ -247,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "header":
         print(write_header(Path(args.out), args.command, args.device))
     elif args.cmd == "record":
-        record_phase(Path(args.out), args.phase, args.rc, args.seconds, args.detail, args.skip or None)
+        record_phase(Path(args.out), args.phase, args.rc, args.seconds, args.detail, args.skip or None,
+                     args.timeout)
     else:
         print(budget_markdown())
     return 0
