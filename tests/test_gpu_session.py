@@ -150,3 +150,25 @@ def test_gpu_only_scripts_compile():
         py_compile.compile(str(ROOT / path), doraise=True)
     for script in ("benchmarks/run_gpu.sh", "benchmarks/run_cuda_sanitizer.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / script)], timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_sweep_parses_and_selects_its_cases(device):
+    from kawhi_kernels.bench.cli import build_parser, collect_cases
+    from kawhi_kernels.bench.shapes import parse_ops
+
+    labels = []
+    for _, args, _ in session.sweeps_for(device):
+        parsed = build_parser().parse_args(args + ["--device", "cpu", "--time-budget", "10"])
+        backends = parsed.backends.split(",") if parsed.backends else None
+        cases = collect_cases(parse_ops(parsed.ops), parsed.quick, parsed.shapes, backends)
+        assert cases
+        labels += [c.label for c in cases]
+    if device == "cuda":
+        for want in ("attention_mass/am-target-7b/naive", "attention_mass/am-target-7b/triton+lse",
+                     "attention_mass/am-target-7b/cuda+lse", "attention_mass/am-target-7b/flash",
+                     "attention_mass/am-target-7b/flex", "attention_mass/am-colsum-16kx16k/flash_colreduce",
+                     "cosine_alignment/cos-target-7b/read_bound", "sguf/sguf-32x32-p28/numpy_skimage",
+                     "kawhi_step/kawhi-7b-width/forward+capture"):
+            assert want in labels, want
+        assert labels.index("kawhi_step/kawhi-7b-width/forward") < labels.index("attention_mass/am-target-4b/naive")
