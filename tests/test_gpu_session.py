@@ -172,3 +172,11 @@ def test_every_sweep_parses_and_selects_its_cases(device):
                      "kawhi_step/kawhi-7b-width/forward+capture"):
             assert want in labels, want
         assert labels.index("kawhi_step/kawhi-7b-width/forward") < labels.index("attention_mass/am-target-4b/naive")
+
+
+def test_cuda_flash_lse_layout_is_batch_heads_rows_fp32():
+    # The CUDA kernel's meta function states the layout sdpa_flash_lse relies on: [B, H, L] fp32.
+    q = torch.empty(2, 28, 300, 128, device="meta", dtype=torch.bfloat16)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, is_causal=True,
+                                                             return_debug_mask=False, scale=0.1)
+    assert tuple(out[1].shape) == (2, 28, 300) and out[1].dtype == torch.float32

@@ -57,7 +57,8 @@ def sdpa_flash_lse(q_full: torch.Tensor, k_full: torch.Tensor, cu_seqlens: torch
         q = q_full[s0:s1].transpose(0, 1).unsqueeze(0)                               # [1, Hq, L, D]
         k = k_full[s0:s1].repeat_interleave(hq // hk, dim=1).transpose(0, 1).unsqueeze(0)
         lse = _flash_logsumexp(q.contiguous(), k.contiguous(), softmax_scale, causal)  # [1, Hq, L]
-        parts.append(lse[0, :, lse.shape[-1] - rows:].float())
+        length = s1 - s0                     # the kernel may pad its lse past L: index from L
+        parts.append(lse[0, :, length - rows:length].float())
     if not parts:
         return q_full.new_zeros((hq, 0), dtype=torch.float32)
     return torch.cat(parts, dim=1).contiguous()
