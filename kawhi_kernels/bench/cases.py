@@ -270,6 +270,31 @@ def cosine_backend_case(ctx: BenchContext, shape: CosineShape, backend: str) -> 
     return Prepared(run, data.copies, _cosine_check(ctx, shape), "; ".join(n for n in notes if n))
 
 
+def cosine_min_bytes(data, heads: list[int]) -> int:
+    """Fewest bytes any ``cosine_alignment`` must read: the selected heads of every query row,
+    plus the KV heads those map to (GQA) of every selected key (key_region ≥ 0)."""
+    hq, hk, d = data.qs[0].shape[1], data.ks[0].shape[1], data.qs[0].shape[2]
+    element = data.qs[0].element_size()
+    kv_heads = {h // (hq // hk) for h in heads}
+    selected_keys = int((data.key_region >= 0).sum())
+    return element * d * (data.qs[0].shape[0] * len(heads) + selected_keys * len(kv_heads))
+
+
+def cosine_read_bound_case(ctx: BenchContext, shape: CosineShape) -> Prepared:
+    """Bandwidth yardstick: one streaming read (a ``sum``) of :func:`cosine_min_bytes` bytes in
+    the input dtype — the time a kernel that only reads its inputs once could reach here."""
+    data, heads = _cosine_data(ctx, shape), _cosine_heads(shape)
+    nbytes = cosine_min_bytes(data, heads)
+    element = data.qs[0].element_size()
+    buffers = [torch.randn(max(1, nbytes // element), device=ctx.device, dtype=torch.float32).to(ctx.dtype)
+               for _ in range(data.copies)]
+
+    def run(i: int):
+        return buffers[i].sum(dtype=torch.float32)
+    return Prepared(run, data.copies, None, f"reads {nbytes} bytes once (selected heads/keys); "
+                    "GB/s = bytes / time")
+
+
 # ----------------------------------------------------------------------------- SGUF
 
 def _sguf_images(ctx: BenchContext, shape: SgufShape):
@@ -425,7 +450,7 @@ def kawhi_step_case(ctx: BenchContext, shape: KawhiShape, variant: str) -> Prepa
 # ----------------------------------------------------------------------------- enumeration
 
 ATTENTION_BACKENDS = ("naive", "torch", "triton", "cuda", "flex", "flash", "flash_colreduce")
-COSINE_BACKENDS = ("naive", "torch", "triton", "cuda")
+COSINE_BACKENDS = ("naive", "torch", "triton", "cuda", "read_bound")
 SGUF_BACKENDS = ("numpy_skimage", "kawhi")
 KAWHI_VARIANTS = ("forward", "forward+capture", "forward+capture+kawhi")
 BASELINES = {"attention_mass": "naive", "cosine_alignment": "naive", "sguf": "numpy_skimage",
@@ -450,6 +475,7 @@ def cases_for(op: str, shape) -> list[Case]:
         cases.append(Case(op, "naive", shape, lambda ctx: cosine_naive_case(ctx, shape)))
         for backend in ("torch", "triton", "cuda"):
             cases.append(Case(op, backend, shape, lambda ctx, b=backend: cosine_backend_case(ctx, shape, b)))
+        cases.append(Case(op, "read_bound", shape, lambda ctx: cosine_read_bound_case(ctx, shape)))
     elif op == "sguf":
         cases.append(Case(op, "numpy_skimage", shape, lambda ctx: sguf_numpy_case(ctx, shape)))
         cases.append(Case(op, "kawhi", shape, lambda ctx: sguf_kawhi_case(ctx, shape)))
