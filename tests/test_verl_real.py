@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-verl = pytest.importorskip("verl", reason="needs verl[verl-core]==0.9.1")
-ray = pytest.importorskip("ray")
-tq = pytest.importorskip("transfer_queue")
+if os.environ.get("KAWHI_REQUIRE_VERL") == "1":  # the CI verl leg: a missing verl is a failure
+    import ray  # noqa: F401
+    import transfer_queue as tq  # noqa: F401
+    import verl  # noqa: F401
+else:
+    verl = pytest.importorskip("verl", reason="needs verl[verl-core]==0.9.1")
+    ray = pytest.importorskip("ray")
+    tq = pytest.importorskip("transfer_queue")
 
 from omegaconf import OmegaConf  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
