@@ -34,6 +34,7 @@ python="python3"
 jobs="$(nproc 2>/dev/null || echo 2)"
 cache="${KAWHI_TOOLCHAIN_CACHE:-$HOME/.cache/kawhi-toolchains}"
 cuda13_home="${CUDA_HOME:-}"
+link_flags="${KAWHI_WHEEL_LINK_FLAGS-}"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -92,7 +93,7 @@ fi
 input_hash() {  # everything a native wheel is made from
   (cd "$here" && find csrc tools/native_dist -type f -print0 | sort -z | xargs -0 sha256sum
    sha256sum CMakeLists.txt setup.py tools/build_wheel.sh tools/cuda12_toolchain.sh kawhi_kernels/__init__.py
-   echo "$1 $archs $pytag") | sha256sum | cut -c1-16
+   echo "$1 $archs $pytag $link_flags") | sha256sum | cut -c1-16
 }
 
 build_native() {
@@ -136,12 +137,11 @@ build_native() {
   sed "${subst[@]}" "$here/tools/native_dist/pyproject.toml.in" >"$src/pyproject.toml"
   sed "${subst[@]}" "$here/tools/native_dist/__init__.py.in" >"$src/$pkg/__init__.py"
 
-  # -static-libstdc++/-static-libgcc: the module then needs no libstdc++ symbol versions newer
-  # than the oldest manylinux baseline; only glibc's hold the tag (auditwheel show, below).
+  # Linker flags of the module ($KAWHI_WHEEL_LINK_FLAGS; see "manylinux tag" in README).
   (export CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$venv/bin:$PATH" \
           KAWHI_CUDA=1 KAWHI_CUDA_ARCHS="$archs" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" \
           KAWHI_BUILD_DIR="$src/build/cmake" \
-          KAWHI_CMAKE_ARGS="-DCMAKE_MODULE_LINKER_FLAGS=-static-libstdc++\ -static-libgcc"
+          KAWHI_CMAKE_ARGS="-DCMAKE_MODULE_LINKER_FLAGS=${link_flags// /\\ }"
    unset CUDACXX KAWHI_LOCAL_VERSION KAWHI_PURE
    "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2)
   local wheel
@@ -154,7 +154,7 @@ build_native() {
   so="$(ls "$unpacked/$pkg"/_C*.so)"
   CUDA_HOME="$cuda_home" "$vpy" "$here/tools/check_cuda_archs.py" "$so" --archs "$archs" --check-deps
 
-  "$venv/bin/auditwheel" repair -w "$src/repaired" "$wheel" >&2
+  PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair -w "$src/repaired" "$wheel" >&2
   local repaired
   repaired="$(ls "$src"/repaired/${pkg}-*manylinux*.whl)"
   "$venv/bin/auditwheel" show "$repaired" >&2
