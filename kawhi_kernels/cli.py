@@ -46,8 +46,8 @@ def info(_: argparse.Namespace) -> int:
         if ext.get("cuda_problem"):
             print(f"              {ext['cuda_problem']}")
     for cand in ext["candidates"]:
-        if cand.status in ("loaded", "not tried"):
-            continue
+        if cand.status == "not tried" or cand.module == ext["module"]:
+            continue  # the loaded one is described above
         print(f"  {cand.distribution:<29} {cand.status}{': ' + cand.reason if cand.reason else ''}")
     for device in devices:
         print(f"backends on {device}:")

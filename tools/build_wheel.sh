@@ -5,6 +5,12 @@
 #   kawhi_kernels_cuda13-<v>-cp3XX-cp3XX-manylinux_*.whl native module, CUDA 13.x, static cudart
 # Users install `kawhi-kernels[cuda12]` or `kawhi-kernels[cuda13]` (README "Install").
 #
+# Static cudart (not nvidia-cuda-runtime-cuNN + an rpath into site-packages/nvidia): the module
+# needs no Python dependency and no rpath, cannot pick up a different libcudart.so that torch
+# or another package loaded first, auditwheel needs no --exclude, and it is the same module the
+# in-tree build makes (tests/test_build.py checks it links no shared libcudart). The price is
+# one ~1 GB download of Debian's nvidia-cuda-dev for CUDA 12 (only 3 MB kept, cached).
+#
 # Each native wheel holds SASS for every arch of --archs and PTX for the highest; the script
 # fails when an arch lacks SASS or the module links libtorch/libc10/a shared CUDA runtime
 # (tools/check_cuda_archs.py), and when auditwheel cannot give it a manylinux tag.
@@ -46,7 +52,7 @@ while [[ $# -gt 0 ]]; do
     --jobs) jobs="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --cuda-home) cuda13_home="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "build_wheel.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -4,10 +4,11 @@
 # CUDA_HOME) on stdout. Cached: a complete prefix is reused as it is.
 #
 #   Debian trixie non-free: nvidia-cuda-toolkit 12.4.131 (nvcc, cicc, ptxas, fatbinary, nvlink,
-#     cudafe++, libdevice) and nvidia-cuda-dev 12.4.127 (only libcudart_static.a,
-#     libcudadevrt.a and libculibos.a are kept from its 934 MB); fetched with `apt-get download` through a private
-#     apt configuration (its own sources list and package lists, the system's are not changed)
-#     and unpacked with dpkg -x / dpkg-deb.
+#     cudafe++, cuobjdump, libdevice) and nvidia-cuda-dev 12.4.127 (only libcudart_static.a,
+#     libcudadevrt.a and libculibos.a are kept from its 934 MB); fetched with `apt-get download`
+#     through a private apt configuration (its own sources list and package lists: the system's
+#     are not changed) and unpacked with dpkg -x / dpkg-deb; the .debs are deleted once the
+#     prefix is complete (about 200 MB stays).
 #   PyPI: nvidia-cuda-nvcc-cu12==12.4.131 (include/crt), nvidia-cuda-runtime-cu12==12.4.127
 #     (runtime headers), nvidia-cuda-cccl-cu12==12.6.77 (libcu++/CUB/Thrust with nv/target,
 #     which the 12.4 cccl wheels lack).
@@ -116,4 +117,5 @@ ln -s lib64 "$out/lib"
 touch "$out/.complete"
 rm -rf "$prefix"
 mv "$out" "$prefix"
+rm -f "$toolkit_deb" "$dev_deb"
 echo "$prefix"
