@@ -1,12 +1,17 @@
 """Build script: drives CMake to build the native extension ``kawhi_kernels._C``.
 
-Metadata lives in pyproject.toml; this file only declares the CMake-built extension.
+Metadata lives in pyproject.toml; this file only declares the CMake-built extension. The
+companion distributions' setup script (tools/native_dist/setup.py) imports CMakeExtension and
+CMakeBuild from here, so setup() runs only when this file is the script.
 
 Environment variables:
     KAWHI_CUDA=0          build without CUDA kernels even when nvcc is available
     KAWHI_CUDA=1          require the CUDA kernels (fail when nvcc is missing or broken)
+    KAWHI_PURE=1          build no native module at all: the pure-Python py3-none-any wheel
+                          (tools/build_wheel.sh); the native module then comes from a companion
+                          distribution kawhi-kernels-cuda12/13 (tools/native_dist/)
     KAWHI_LOCAL_VERSION   PEP 440 local version label appended to the version, e.g. "cu130"
-                          gives 0.1.0+cu130 (tools/build_wheel.sh sets it from nvcc's version)
+                          gives 0.1.0+cu130 (for private builds only: public indexes refuse it)
     KAWHI_CUDA_ARCHS      SM list for CUDA code (default: the GPUs nvidia-smi sees, else
                           "80;86;89;90"; PTX for the highest)
     KAWHI_BUILD_DIR       CMake build folder (default build/cmake-<python>-<cfg> in the source tree,
@@ -210,8 +215,15 @@ def _cached_source_dir(cache: Path) -> str | None:
     return None
 
 
-setup(
-    version=_version(),
-    ext_modules=[CMakeExtension("kawhi_kernels._C", ROOT)],
-    cmdclass={"build_ext": CMakeBuild},
-)
+def _ext_modules() -> list[Extension]:
+    if os.environ.get("KAWHI_PURE", "").strip() == "1":
+        return []
+    return [CMakeExtension("kawhi_kernels._C", ROOT)]
+
+
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__
+    setup(
+        version=_version(),
+        ext_modules=_ext_modules(),
+        cmdclass={"build_ext": CMakeBuild},
+    )

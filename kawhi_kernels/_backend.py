@@ -53,9 +53,10 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
 
     ext = load_extension()
     if ext is None:
-        return "the compiled extension kawhi_kernels._C is not importable"
+        return ("no compiled extension is importable (neither the in-tree kawhi_kernels._C nor "
+                "a kawhi-kernels-cuda12/13 companion)")
     if not ext.has_cuda():
-        return "kawhi_kernels._C was built without CUDA (nvcc was not found at build time)"
+        return f"{ext.__name__} was built without CUDA (nvcc was not found at build time)"
     if device.type != "cuda":
         return f"tensors are on {device}; the CUDA backend needs CUDA tensors"
     return cuda_backend_problem(device.index if device.index is not None else torch.cuda.current_device())

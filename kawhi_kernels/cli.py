@@ -36,13 +36,19 @@ def info(_: argparse.Namespace) -> int:
         print("GPU           none visible to torch")
     ext = extension_info()
     if not ext["available"]:
-        print(f"extension     kawhi_kernels._C not importable: {ext['error']}")
+        print("native build  none loaded")
     else:
         build = ext["build_info"] or {}
-        cuda = f"CUDA {build.get('cuda')} ({', '.join(build.get('archs') or [])})" if ext["has_cuda"] else "no CUDA"
-        print(f"extension     kawhi_kernels._C built with {build.get('compiler')}, {cuda}")
+        cuda = (f"CUDA {build.get('cuda')} ({', '.join(build.get('archs') or [])})"
+                if ext["has_cuda"] else "no CUDA")
+        print(f"native build  {ext['distribution']}: {ext['module']}, {cuda}, "
+              f"built with {build.get('compiler')}")
         if ext.get("cuda_problem"):
             print(f"              {ext['cuda_problem']}")
+    for cand in ext["candidates"]:
+        if cand.status == "not tried" or cand.module == ext["module"]:
+            continue  # the loaded one is described above
+        print(f"  {cand.distribution:<29} {cand.status}{': ' + cand.reason if cand.reason else ''}")
     for device in devices:
         print(f"backends on {device}:")
         for name, reason in available_backends(device).items():

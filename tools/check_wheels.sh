@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Prove the built wheels install and work for a user: for each native companion wheel in DIST
+# (kawhi_kernels_cuda*.whl), make a fresh venv, install `kawhi-kernels[cudaNN]` from DIST (the
+# pure wheel plus that companion, resolved through the extra), then with no build tools on PATH
+# (no nvcc, cmake, ninja, cc/c++/gcc/g++, CUDA_HOME unset) run: the import, `kawhi-kernels info`
+# (it must name the companion as the loaded native build), the SASS/dependency check on the
+# installed module, the CUDA host-side tests, and a fast selection of the torch and
+# Triton-interpreter tests, from a copy of tests/ outside the source tree (so the tree's
+# kawhi_kernels is not what gets imported). The first venv checks the pure wheel alone first (no
+# native module; info says none is installed) and then adds its companion. On a machine with a GPU the GPU tests of
+# tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
+#
+# Usage: tools/check_wheels.sh [--dist DIR] [--python PYTHON] [--archs "80;86;89;90"]
+#                              [--torch SPEC] [--work DIR] [--keep]
+#   --dist    where tools/build_wheel.sh wrote the wheels (default: dist/)
+#   --python  interpreter for the venvs (its tag must match the native wheels; default python3)
+#   --torch   torch requirement (default: torch==2.13.0)
+#   --work    where the venvs go (default: a temporary dir, removed unless --keep)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+dist="$here/dist"
+python="python3"
+archs="${KAWHI_CUDA_ARCHS:-80;86;89;90}"
+torch_spec="torch==2.13.0"
+work=""
+keep=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dist) dist="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --archs) archs="$2"; shift 2 ;;
+    --torch) torch_spec="$2"; shift 2 ;;
+    --work) work="$2"; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "check_wheels.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+log() { echo "check_wheels.sh: $*" >&2; }
+dist="$(cd "$dist" && pwd)"
+version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/kawhi_kernels/__init__.py")"
+compgen -G "$dist/kawhi_kernels-$version-py3-none-any.whl" >/dev/null \
+  || { log "no kawhi_kernels-$version-py3-none-any.whl in $dist (tools/build_wheel.sh)"; exit 1; }
+if [[ -z "$work" ]]; then
+  work="$(mktemp -d /tmp/kawhi-check-wheels.XXXXXX)"
+  [[ $keep == 1 ]] || trap 'rm -rf "$work"' EXIT
+fi
+mkdir -p "$work"
+
+# A PATH without build tools: every command of /usr/bin and /bin except compilers and builders.
+tools="$work/path"
+rm -rf "$tools" && mkdir -p "$tools"
+hidden='^(nvcc|cmake|ctest|cpack|ninja|make|cc|c\+\+|gcc|g\+\+|cpp|ld|ld\.bfd|ld\.gold|clang.*|x86_64-linux-gnu-.*|gcc-[0-9]+|g\+\+-[0-9]+|cpp-[0-9]+)$'
+for dir in /usr/bin /bin; do
+  for exe in "$dir"/*; do
+    name="$(basename "$exe")"
+    [[ -x "$exe" && ! -e "$tools/$name" ]] || continue
+    [[ "$name" =~ $hidden ]] && continue
+    ln -s "$exe" "$tools/$name"
+  done
+done
+
+# Tests run from a copy outside the tree; tools/check_cuda_archs.py is what test_build imports.
+tests="$work/suite"
+rm -rf "$tests" && mkdir -p "$tests/tools"
+cp -r "$here/tests" "$tests/tests"
+cp "$here/tools/check_cuda_archs.py" "$tests/tools/"
+find "$tests" -name '__pycache__' -prune -exec rm -rf {} +
+
+fast_tests=(
+  tests/test_cuda_backend.py
+  "tests/test_build.py::test_extension_imports_and_exposes_api"
+  "tests/test_build.py::test_build_info_is_consistent"
+  "tests/test_build.py::test_shared_object_does_not_link_torch_or_dynamic_cudart"
+  "tests/test_build.py::test_check_cuda_archs_dependency_check_on_the_built_module"
+  tests/test_reference_ops.py
+  tests/test_union_find.py
+  tests/test_triton_attention_mass.py
+  tests/test_triton_cosine_alignment.py
+  tests/test_cli.py
+)
+
+in_venv() {  # run "$@" in venv $1 with the build-tool-free PATH
+  local venv="$1"; shift
+  env -u CUDA_HOME -u CUDA_PATH -u CUDACXX -u PYTHONPATH -u KAWHI_CUDA_ARCHS \
+      PATH="$venv/bin:$tools" VIRTUAL_ENV="$venv" "$@"
+}
+
+quiet_pip() {  # pip's warnings about absent local index folders are noise here
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
+make_venv() {  # fresh venv with torch, Triton and the test requirements (from the index)
+  local venv="$1"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  quiet_pip "$venv/bin/python" -m pip install -q "$torch_spec" "triton>=3.6,<3.10" "transformers>=5.5.3,!=5.6.0" \
+    numpy tqdm pillow matplotlib pytest scipy scikit-image "nvidia-cuda-cuobjdump>=13,<14" >&2
+}
+
+status=0
+check_one() {  # $1: the CUDA major of a companion, "" for the pure wheel alone; $2: the venv
+  local major="$1" venv="$2" name extra=""
+  name="${major:+cuda$major}"; name="${name:-pure}"
+  local t0=$SECONDS
+  [[ -n "$major" ]] && extra="[cuda$major]"
+  # The extra must resolve the companion from the wheel dir: no index for kawhi-kernels itself.
+  quiet_pip in_venv "$venv" python -m pip install -q --no-index --find-links "$dist" \
+    "kawhi-kernels${extra}==$version" >&2
+  in_venv "$venv" python -m pip check >&2
+  local info
+  info="$(cd "$tests" && in_venv "$venv" kawhi-kernels info)"
+  echo "$info" | sed "s/^/  [$name] /" >&2
+  if [[ -z "$major" ]]; then
+    echo "$info" | grep -q '^native build  none loaded' || { log "[pure] info shows a native build"; return 1; }
+    echo "$info" | grep -q 'kawhi-kernels-cuda13 *not installed' || { log "[pure] info does not say why"; return 1; }
+    (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider \
+       tests/test_reference_ops.py tests/test_cli.py) >&2 || return 1
+  else
+    echo "$info" | grep -q "^native build  kawhi-kernels-cuda$major: kawhi_kernels_cuda$major._C, CUDA $major\." \
+      || { log "[$name] info does not name kawhi-kernels-cuda$major as the loaded native build"; return 1; }
+    local so
+    so="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels_cuda$major._C as m; print(m.__file__)")"
+    in_venv "$venv" python "$tests/tools/check_cuda_archs.py" "$so" --archs "$archs" --check-deps >&2 || return 1
+    (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider -m "not slow" \
+       "${fast_tests[@]}") >&2 || return 1
+  fi
+  log "[$name] passed in $((SECONDS - t0)) s"
+}
+
+shopt -s nullglob
+natives=("$dist"/kawhi_kernels_cuda*-"$version"-*.whl)
+[[ ${#natives[@]} -gt 0 ]] || { log "no native companion wheels in $dist"; exit 1; }
+# The first venv checks the pure wheel alone, then adds the first companion through its extra
+# (what a user who installed kawhi-kernels first does); every other companion gets a fresh venv.
+first=1
+for whl in "${natives[@]}"; do
+  major="$(basename "$whl" | sed -n 's/^kawhi_kernels_cuda\([0-9]*\)-.*/\1/p')"
+  venv="$work/venv-cuda$major"
+  t0=$SECONDS
+  log "[cuda$major] fresh venv $venv"
+  make_venv "$venv"
+  log "[cuda$major] venv with torch, Triton, test requirements: $((SECONDS - t0)) s"
+  if [[ $first == 1 ]]; then
+    check_one "" "$venv" || { log "[pure] FAILED"; status=1; }
+    first=0
+  fi
+  check_one "$major" "$venv" || { log "[cuda$major] FAILED"; status=1; }
+done
+[[ $status == 0 ]] && log "all wheels passed" || log "FAILED"
+exit $status
