@@ -6,7 +6,8 @@ built from the same parameter-choosing function the launcher calls), so a new ti
 cannot escape the check. For each (build, arch) this module reports registers per thread,
 shared memory per block (Triton's dynamic allocation and the cubin's static part), local memory
 (register spills), and the count of tensor-core (HMMA, HGMMA) and asynchronous-copy (LDGSTS
-cp.async, UTMALDG TMA) instructions.
+cp.async, UTMALDG TMA) instructions; builds whose key loop must be pipelined are required to
+have asynchronous copies.
 
 Usage (prints a markdown table, optionally writes JSON)::
 
@@ -44,6 +45,8 @@ class KernelBuild:
         constexprs: values of the constexpr arguments.
         num_warps, num_stages: launch options, as the launcher passes them (or Triton's defaults).
         tensor_cores: whether the kernel's products must run on tensor cores (HMMA/HGMMA).
+        async_copies: whether its key loop must be software-pipelined, i.e. its SASS must hold
+            asynchronous global→shared copies (LDGSTS cp.async or UTMALDG TMA).
     """
 
     name: str
@@ -54,6 +57,7 @@ class KernelBuild:
     num_warps: int
     num_stages: int
     tensor_cores: bool
+    async_copies: bool = False
 
     def signature(self) -> dict:
         sig = {}
@@ -112,6 +116,7 @@ def compile_and_inspect(build: KernelBuild, arch: int) -> dict:
     ``shared`` (bytes per block: Triton's dynamic allocation + static), ``name`` and ``arch``;
     a compile failure is reported as ``error`` instead of raising."""
     row = {"name": build.name, "arch": arch, "tensor_cores": build.tensor_cores,
+           "async_copies": build.async_copies,
            "num_warps": build.num_warps, "num_stages": build.num_stages}
     try:
         compiled = compile_for_target(build.kernel, build.signature(), build.constexprs, arch=arch,
@@ -139,6 +144,9 @@ def problems(row: dict) -> list[str]:
         found.append(f"needs {row['shared']} bytes of shared memory, sm_{row['arch']} allows {limit}")
     if row["tensor_cores"] and row["hmma"] + row["hgmma"] == 0:
         found.append("no tensor-core instruction (HMMA/HGMMA) in its SASS")
+    if row.get("async_copies") and row["ldgsts"] + row["tma"] == 0:
+        found.append("no cp.async/TMA load (LDGSTS/UTMALDG) in its SASS: its key loop is not "
+                     "software-pipelined")
     return found
 
 
