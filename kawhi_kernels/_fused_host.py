@@ -8,7 +8,9 @@ segment lists on the CPU, uploaded once by the plan). Nothing here reads device 
 * :func:`segment_block_lists` — the fixed summation order of deterministic segment sums;
 * :func:`key_tiles` — per key tile, the span of region ids it holds (tiles without a region
   key are skipped);
-* :func:`head_groups` — selected query heads grouped by KV head (GQA stacking).
+* :func:`head_groups` — selected query heads grouped by KV head (GQA stacking);
+* :func:`block_key_tiles`, :func:`region_tile_ranges` — per row block, the key tiles a pass over
+  all visible keys / over region keys loops over; :func:`key_tile_visits` counts the QKᵀ tiles.
 
 A row block is a run of at most ``block_rows`` consecutive query rows that share one sequence
 and, for segmented output, one segment: the unit of work of the fused ``attention_mass`` and

@@ -7,25 +7,35 @@ tile (row-major over (row, head)), so every K tile is loaded once per group and 
 repeats K (a KV head with more selected query heads than the tile's M, > 64, or > 16 for fp32,
 is split into several groups that each read its K).
 
-Pass 1 (skipped when ``lse`` is given): online-softmax row max and sum over the visible keys.
-Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions in fp32:
+One kernel per accumulation scheme, sharing the ``@triton.jit`` helpers (block setup, score
+tile, normaliser, region probabilities, one-hot product, stores) and the named constexpr output
+modes (``OUT_ROWS``, ``OUT_SEG_ATOMIC``, ``OUT_PARTIAL``):
 
-* coarse regions (R ≤ ``coarse_max_regions``): acc[M, R] += P @ onehot(key → region), the one-hot
-  tile built on the fly per key tile, held in registers over all key tiles and written once;
-* per-patch regions, ``deterministic=False``: column sums scattered with ``tl.atomic_add`` (rows
-  of a segment summed inside the tile first);
-* per-patch regions, ``deterministic=True``: for each key tile, the window(s) of BLOCK_R region
-  ids its keys cover get P @ onehot(window), added with plain load-add-store into memory the
-  program owns (per-row outputs, or one partial row per block for segments); segment partials
-  are then summed by a second kernel in a fixed block order. Bit-identical run to run.
+* ``_mass_online_kernel`` — coarse regions (R ≤ 64) without ``lse``, one pass: an [M, R] fp32
+  accumulator of exp2(s − m) · onehot(key → region) for the running row max m, rescaled when m
+  grows (flash-forward style, the one-hot as V), divided by the row sum at the end;
+* ``_mass_coarse_kernel`` — coarse regions with ``lse`` (or R > 64 registers): pass 1 (skipped
+  when ``lse`` is given) computes the normaliser, pass 2 recomputes the scores,
+  p = exp(s − lse), and acc[M, R] += P @ onehot, held in registers and written once;
+* ``_mass_atomic_kernel`` — per-patch regions, ``deterministic=False``: column sums scattered
+  with ``tl.atomic_add`` (rows of a segment summed inside the tile first);
+* ``_mass_window_kernel`` — per-patch regions, ``deterministic=True``: for each key tile, the
+  window(s) of BLOCK_R region ids its keys cover get P @ onehot(window), added with plain
+  load-add-store into memory the program owns (per-row outputs, or one partial row per block for
+  segments); segment partials are then summed by a second kernel in a fixed block order.
+  Bit-identical run to run.
+
+The region passes loop over the per-block key-tile range [t0, t1) of the planner
+(:func:`.._fused_host.region_tile_ranges`): bounds are data and the body has no branch, so the
+K loads are software-pipelined (cp.async; checked in the static builds).
 
 The one-hot products run on fp16 tensor cores with p split into fp16 hi + lo parts (the 0/1
 matrix is exact), which keeps them fp32-accurate (~2^-22 relative); p is capped at 1 (exceeded
 only by an underestimated ``lse``, on every backend alike), so the split never overflows. QKᵀ uses the input dtype on
 tensor cores with fp32 accumulation (tf32x3 for fp32 inputs on NVIDIA).
 
-Key tiles beyond the causal limit of the block's last row are skipped in both passes, key tiles
-without any region key in pass 2 (per-tile region span precomputed with torch). Offsets are
+Key tiles beyond the causal limit of the block's last row are skipped in every pass, key tiles
+before the sequence's first and after its last region tile in the region pass. Offsets are
 int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64 inputs to the
 torch reference).
 
