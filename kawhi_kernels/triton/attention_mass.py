@@ -90,6 +90,9 @@ _ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-sto
 # Names of the kernels a run may launch (module attributes, looked up at each launch).
 LAUNCHED_KERNELS = ("_mass_online_kernel", "_mass_coarse_kernel", "_mass_atomic_kernel",
                     "_mass_window_kernel", "_sum_partials_kernel")
+# ptxas register limit of the main kernels (8 warps may use 255): without it ptxas caps the
+# pipelined sm_80 builds at 128 registers and spills (found by the static builds).
+MAX_REGISTERS = 255
 # Largest R of the single-pass kernel (its [M, R] accumulator is rescaled every key tile).
 ONE_PASS_MAX_REGIONS = 64
 
@@ -169,7 +172,7 @@ def _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok, 
     else:
         m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
         l_i = tl.zeros(limit.shape, dtype=tl.float32)
-        for start in tl.range(0, n_end, BLOCK_N, num_stages=NUM_STAGES):
+        for start in range(0, n_end, BLOCK_N):
             s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
                                 BLOCK_N, BLOCK_D, DOT_PRECISION)
             s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
@@ -266,7 +269,7 @@ def _mass_online_kernel(
     m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
     l_i = tl.zeros(limit.shape, dtype=tl.float32)
     acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
-    for start in tl.range(0, n_end, BLOCK_N, num_stages=NUM_STAGES):
+    for start in range(0, n_end, BLOCK_N):
         s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
                             BLOCK_N, BLOCK_D, DOT_PRECISION)
         region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
@@ -309,7 +312,7 @@ def _mass_coarse_kernel(
     acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
     t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
     t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
-    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+    for t in range(t0, t1):
         start = t * BLOCK_N
         s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
                             BLOCK_N, BLOCK_D, DOT_PRECISION)
@@ -546,7 +549,8 @@ def kernel_builds():
                                            "lse_ptr": "*fp32", "out_ptr": "*fp32"},
                             float_args=("scale_log2",), constexprs=constexprs,
                             num_warps=warps, num_stages=stages, tensor_cores=True,
-                            async_copies=stages > 1 and acc != _ACC_WINDOW))
+                            async_copies=stages > 1 and acc != _ACC_WINDOW,
+                            maxnreg=MAX_REGISTERS))
     for block in (16, 1024):
         builds.append(KernelBuild(
             name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
@@ -713,7 +717,7 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
     has_lse = lse is not None
     constexprs, num_warps, num_stages = plan.launches[has_lse]
     kernel = _main_kernel(plan.acc_mode, plan.block_r, has_lse)
-    extra = launch_options(num_warps, num_stages=num_stages)
+    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
     with device_guard(device):              # Triton launches on the current device
         kernel[(plan.num_blocks, plan.kv_tab.numel())](
             q, k, plan.region, lse_arg, target,

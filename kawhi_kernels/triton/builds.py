@@ -45,6 +45,7 @@ class KernelBuild:
         constexprs: values of the constexpr arguments.
         num_warps, num_stages: launch options, as the launcher passes them (or Triton's defaults).
         tensor_cores: whether the kernel's products must run on tensor cores (HMMA/HGMMA).
+        maxnreg: register limit per thread given to ptxas (as the launcher passes it), or None.
         async_copies: whether its key loop must be software-pipelined, i.e. its SASS must hold
             asynchronous global→shared copies (LDGSTS cp.async or UTMALDG TMA).
     """
@@ -58,6 +59,7 @@ class KernelBuild:
     num_stages: int
     tensor_cores: bool
     async_copies: bool = False
+    maxnreg: int | None = None
 
     def signature(self) -> dict:
         sig = {}
@@ -120,7 +122,8 @@ def compile_and_inspect(build: KernelBuild, arch: int) -> dict:
            "num_warps": build.num_warps, "num_stages": build.num_stages}
     try:
         compiled = compile_for_target(build.kernel, build.signature(), build.constexprs, arch=arch,
-                                      num_warps=build.num_warps, num_stages=build.num_stages)
+                                      num_warps=build.num_warps, num_stages=build.num_stages,
+                                      maxnreg=build.maxnreg)
     except Exception as exc:  # a config that does not compile is what the check reports
         row["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
         return row
