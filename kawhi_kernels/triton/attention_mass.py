@@ -90,9 +90,19 @@ _ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-sto
 # Names of the kernels a run may launch (module attributes, looked up at each launch).
 LAUNCHED_KERNELS = ("_mass_online_kernel", "_mass_coarse_kernel", "_mass_atomic_kernel",
                     "_mass_window_kernel", "_sum_partials_kernel")
-# ptxas register limit of the main kernels (8 warps may use 255): without it ptxas caps the
-# pipelined sm_80 builds at 128 registers and spills (found by the static builds).
+# ptxas register limit of the main kernels (8 warps may use 255): without it ptxas caps several
+# pipelined sm_80 builds at 128 registers and spills; with it the two-pass coarse kernel with
+# per-row output at the widest stacking (GP 64) spills instead (both found by the static builds),
+# so that one launch keeps ptxas's own choice.
 MAX_REGISTERS = 255
+
+
+def _max_registers(constexprs: dict) -> int | None:
+    """The ``maxnreg`` of a launch of the main kernels (see ``MAX_REGISTERS``)."""
+    if "HAS_LSE" in constexprs and constexprs["OUT_MODE"] == _OUT_ROWS and constexprs["GP"] >= 64 \
+            and constexprs["BLOCK_R"] <= ONE_PASS_MAX_REGIONS:
+        return None
+    return MAX_REGISTERS
 # Largest R of the single-pass kernel (its [M, R] accumulator is rescaled every key tile).
 ONE_PASS_MAX_REGIONS = 64
 
@@ -550,7 +560,7 @@ def kernel_builds():
                             float_args=("scale_log2",), constexprs=constexprs,
                             num_warps=warps, num_stages=stages, tensor_cores=True,
                             async_copies=stages > 1 and acc != _ACC_WINDOW,
-                            maxnreg=MAX_REGISTERS))
+                            maxnreg=_max_registers(constexprs)))
     for block in (16, 1024):
         builds.append(KernelBuild(
             name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
@@ -717,7 +727,7 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
     has_lse = lse is not None
     constexprs, num_warps, num_stages = plan.launches[has_lse]
     kernel = _main_kernel(plan.acc_mode, plan.block_r, has_lse)
-    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=_max_registers(constexprs))
     with device_guard(device):              # Triton launches on the current device
         kernel[(plan.num_blocks, plan.kv_tab.numel())](
             q, k, plan.region, lse_arg, target,
