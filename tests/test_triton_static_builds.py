@@ -118,12 +118,13 @@ def test_checker_flags_spills_shared_memory_missing_tensor_cores_and_compile_err
 
 
 def test_attention_mass_region_loops_are_pipelined_with_and_without_lse(report):
-    """The single pass, and the lse path's region loop of the coarse and atomic kernels, load
-    K with cp.async on sm_80 and sm_90 for fp16/bf16 (no ``if`` around the loop body)."""
+    """The atomic kernel's loops (region pass with lse) load K with cp.async on sm_80 and sm_90
+    for fp16/bf16 (no ``if`` around the loop body). The coarse kernels run 1 stage for now
+    (pipelined they spill on sm_80 with Triton 3.6, see _tile_config)."""
     rows, _ = report
     piped = [r for r in rows if r["name"].startswith("attention_mass ") and " fp32 " not in r["name"]
-             and any(m in r["name"] for m in (" one-pass/", " coarse/", " atomic/"))]
+             and " atomic/" in r["name"]]
     assert {r["arch"] for r in piped} == set(ARCHS)
-    assert any(" coarse/" in r["name"] and r["name"].endswith(" lse") for r in piped)
+    assert any(r["name"].endswith(" lse") for r in piped)
     assert all(r["async_copies"] and r["ldgsts"] + r["tma"] > 0 for r in piped), [
         (r["name"], r["arch"]) for r in piped if r["ldgsts"] + r["tma"] == 0]

@@ -459,7 +459,11 @@ def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, i
     """
     if dtype == torch.float32:                      # D ≤ 128 (triton_mass_head_dim_limit)
         return 16, 16, (8 if acc_mode == _ACC_WINDOW else 4), 1, 16
-    return (64, 64, 8, 2, 64) if d <= 128 else (64, 32, 8, 2, 64)
+    # Coarse kernels (single pass and the lse region pass): 1 stage. Pipelined (2 stages) they
+    # load K with cp.async and compile spill-free with Triton 3.9, but Triton 3.6 spills on sm_80
+    # (up to 264 B, static builds); a per-Triton/arch choice is left to the autotune work.
+    stages = 1 if acc_mode == _ACC_COARSE else 2
+    return (64, 64, 8, stages, 64) if d <= 128 else (64, 32, 8, stages, 64)
 
 
 def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int,
