@@ -35,15 +35,16 @@ def _kernels_stubbed():
     from kawhi_kernels.triton import attention_mass as am
     from kawhi_kernels.triton import cosine_alignment as ca
 
-    saved = (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
-             ca._alignment_kernel)
-    am._attention_mass_kernel = am._sum_partials_kernel = _NoLaunch()
-    ca._region_mean_keys_kernel = ca._alignment_kernel = _NoLaunch()
+    stubs = [(am, name) for name in am.LAUNCHED_KERNELS]
+    stubs += [(ca, "_region_mean_keys_kernel"), (ca, "_alignment_kernel")]
+    saved = [getattr(module, name) for module, name in stubs]
+    for module, name in stubs:
+        setattr(module, name, _NoLaunch())
     try:
         yield
     finally:
-        (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
-         ca._alignment_kernel) = saved
+        for (module, name), kernel in zip(stubs, saved):
+            setattr(module, name, kernel)
 
 
 def _layout(num_seqs=8, keys=4096, rows=2048, image=1024, hq=28, hk=4, d=128):
@@ -112,10 +113,11 @@ def _count(fn) -> tuple[int, int]:
 
     from kawhi_kernels.triton import attention_mass as am
     from kawhi_kernels.triton import cosine_alignment as ca
-    saved = (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
-             ca._alignment_kernel)
-    am._attention_mass_kernel = am._sum_partials_kernel = CountingLaunch()
-    ca._region_mean_keys_kernel = ca._alignment_kernel = CountingLaunch()
+    stubs = [(am, name) for name in am.LAUNCHED_KERNELS]
+    stubs += [(ca, "_region_mean_keys_kernel"), (ca, "_alignment_kernel")]
+    saved = [getattr(module, name) for module, name in stubs]
+    for module, name in stubs:
+        setattr(module, name, CountingLaunch())
     for name in originals:
         setattr(torch.Tensor, name, counting(name))
     try:
@@ -124,8 +126,8 @@ def _count(fn) -> tuple[int, int]:
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
-        (am._attention_mass_kernel, am._sum_partials_kernel, ca._region_mean_keys_kernel,
-         ca._alignment_kernel) = saved
+        for (module, name), kernel in zip(stubs, saved):
+            setattr(module, name, kernel)
     return mode.syncs + counted["n"], mode.launches + launches["n"]
 
 

@@ -134,7 +134,7 @@ def cuobjdump_path() -> str | None:
 
 
 def compile_for_target(kernel, signature: dict, constexprs: dict, *, arch: int,
-                       num_warps: int, num_stages: int):
+                       num_warps: int, num_stages: int, maxnreg: int | None = None):
     """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_<arch>`` without a GPU.
 
     Args:
@@ -143,6 +143,7 @@ def compile_for_target(kernel, signature: dict, constexprs: dict, *, arch: int,
         constexprs: {name: value} for the constexpr arguments.
         arch: compute capability as an int (80, 90, ...).
         num_warps, num_stages: launch options.
+        maxnreg: optional register limit per thread (ptxas ``.maxnreg``), as the launch passes it.
 
     Returns:
         Triton's compiled kernel: ``.asm["cubin"]`` bytes, ``.metadata.shared`` bytes.
@@ -153,8 +154,10 @@ def compile_for_target(kernel, signature: dict, constexprs: dict, *, arch: int,
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # Triton 3.9 warns when unset
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 # ---------------------------------------------------------------------------------------------

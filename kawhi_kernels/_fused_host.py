@@ -8,7 +8,9 @@ segment lists on the CPU, uploaded once by the plan). Nothing here reads device 
 * :func:`segment_block_lists` — the fixed summation order of deterministic segment sums;
 * :func:`key_tiles` — per key tile, the span of region ids it holds (tiles without a region
   key are skipped);
-* :func:`head_groups` — selected query heads grouped by KV head (GQA stacking).
+* :func:`head_groups` — selected query heads grouped by KV head (GQA stacking);
+* :func:`block_key_tiles`, :func:`region_tile_ranges` — per row block, the key tiles a pass over
+  all visible keys / over region keys loops over; :func:`key_tile_visits` counts the QKᵀ tiles.
 
 A row block is a run of at most ``block_rows`` consecutive query rows that share one sequence
 and, for segmented output, one segment: the unit of work of the fused ``attention_mass`` and
@@ -158,3 +160,74 @@ def key_tiles(cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor, block_n
     tile_rmin = torch.where(tile_rmax >= 0, tile_rmin, torch.zeros_like(tile_rmin))
     return (tile_base_host.to(device=device, dtype=torch.int32), tile_rmin.to(torch.int32),
             tile_rmax.to(torch.int32))
+
+
+def block_key_tiles(blocks: torch.Tensor, cu_seqlens_q_host: torch.Tensor,
+                    cu_seqlens_k_host: torch.Tensor, block_n: int, causal: bool) -> torch.Tensor:
+    """Key tiles each row block sees, int64 [num_blocks] on the CPU: ⌈n_end / block_n⌉ with
+    n_end the block's key end (its last row's bottom-right causal limit, or all keys) — the trip
+    count of a pass over all visible keys.
+
+    Args:
+        blocks: the :func:`row_blocks` table. cu_seqlens_q_host, cu_seqlens_k_host: int [B+1] on
+            the CPU. block_n: keys per tile. causal: bottom-right aligned causal mask.
+    """
+    cu_q = cu_seqlens_q_host.to("cpu", torch.int64)
+    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
+    seq = blocks[:, 0].to(torch.int64)
+    lk = cu_k[seq + 1] - cu_k[seq]
+    if causal:
+        lq = cu_q[seq + 1] - cu_q[seq]
+        last_local = blocks[:, 1].to(torch.int64) + blocks[:, 2].to(torch.int64) - cu_q[seq]
+        n_end = torch.clamp(torch.minimum(last_local + lk - lq, lk), min=0)
+    else:
+        n_end = lk
+    return (n_end + block_n - 1) // block_n
+
+
+def region_tile_ranges(blocks: torch.Tensor, block_tiles: torch.Tensor,
+                       cu_seqlens_k_host: torch.Tensor, tile_rmax: torch.Tensor,
+                       block_n: int) -> torch.Tensor:
+    """Per row block, the key tiles [t0, t1) (within its sequence) that a pass over region keys
+    visits: from the sequence's first to its last tile holding a region key, cut at the block's
+    visible tiles; empty (0, 0) when none. int32 [num_blocks, 2] on ``tile_rmax``'s device, built
+    there without a sync (the loop bounds of the kernels' region passes: data, not a branch).
+
+    Args:
+        blocks: :func:`row_blocks` table (CPU). block_tiles: :func:`block_key_tiles` (CPU).
+        cu_seqlens_k_host: int [B+1] on the CPU. tile_rmax: from :func:`key_tiles` (−1: no region
+            key in the tile). block_n: keys per tile, as given to :func:`key_tiles`.
+    """
+    device = tile_rmax.device
+    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
+    lens_k = cu_k[1:] - cu_k[:-1]
+    tiles_per_seq = (lens_k + block_n - 1) // block_n
+    num_seqs, num_tiles = lens_k.numel(), int(tiles_per_seq.sum())
+    tile_seq = torch.repeat_interleave(torch.arange(num_seqs), tiles_per_seq, output_size=num_tiles)
+    local = torch.arange(num_tiles) - (torch.cumsum(tiles_per_seq, 0) - tiles_per_seq)[tile_seq]
+    tile_seq, local = tile_seq.to(device), local.to(device)
+    has = tile_rmax.to(torch.int64) >= 0
+    first = torch.full((num_seqs,), num_tiles, dtype=torch.int64, device=device)
+    last = torch.full((num_seqs,), -1, dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, tile_seq, torch.where(has, local, num_tiles), reduce="amin")
+    last.scatter_reduce_(0, tile_seq, torch.where(has, local, -1), reduce="amax")
+    seq = blocks[:, 0].to(device=device, dtype=torch.int64)
+    t1 = torch.minimum(last[seq] + 1, block_tiles.to(device))
+    t0 = torch.minimum(first[seq], t1)
+    empty = t1 <= t0
+    return torch.stack([torch.where(empty, 0, t0), torch.where(empty, 0, t1)], 1).to(torch.int32)
+
+
+def key_tile_visits(block_tiles: torch.Tensor, region_ranges: torch.Tensor, num_groups: int, *,
+                    normaliser_pass: bool, region_pass: bool) -> int:
+    """QKᵀ tiles (one [M, block_n] score tile each) a launch visits over all its programs: per
+    block × head group, the full pass over visible keys (``normaliser_pass``: pass 1, or the
+    single pass) plus the region pass over ``region_ranges`` (``region_pass``). Host count from
+    the same tables the kernels loop over (one device→host copy of the ranges)."""
+    per_block = torch.zeros_like(block_tiles)
+    if normaliser_pass:
+        per_block += block_tiles
+    if region_pass:
+        ranges = region_ranges.to("cpu", torch.int64)
+        per_block += ranges[:, 1] - ranges[:, 0]
+    return int(per_block.sum()) * num_groups

@@ -288,7 +288,7 @@ def test_deterministic_launches_never_use_float_atomics():
                 host_q, host_k, region, num_regions, dtype=torch.float16, num_heads=8,
                 num_kv_heads=2, head_dim=32, query_segment_host=seg if segmented else None,
                 num_segments=4 if segmented else 0, deterministic=True)
-            assert plan.constexprs["ACC_MODE"] != am._ACC_ATOMIC
+            assert plan.acc_mode != am._ACC_ATOMIC
             assert plan.out_mode != am._OUT_SEG_ATOMIC
 
 

@@ -96,6 +96,54 @@ def test_matches_reference(hq, hk, d, dtype, regions, num_regions, segments, hea
         assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_single_pass_rescales_when_the_row_max_grows(dtype, segmented):
+    """Scores that grow along the keys (the running max rises tile after tile, so the single-pass
+    accumulator is rescaled many times) and a huge last key: single pass == reference, and it
+    is the kernel the launcher runs for R ≤ 64 without lse."""
+    from kawhi_kernels.triton import attention_mass as am
+
+    seed = fresh_seed()
+    lens_q, lens_k = [7, 30, 3], [70, 33, 0]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 4, 1, 48, dtype)
+    ramp = torch.linspace(0.2, 3.0, k.shape[0], device=DEVICE)[:, None, None]
+    k = (k.float() * ramp).to(dtype)
+    k[69] = (q[6:7].float().mean(1, keepdim=True) * 4).to(dtype)   # a dominant last key
+    key_region = coarse_regions(seed + 1, lens_k, 5)
+    seg_kwargs = ({"query_segment": run_segments(seed + 2, lens_q, 4), "num_segments": 4}
+                  if segmented else {})
+    heads = [3, 0, 2]
+    assert am._main_kernel(am._ACC_COARSE, 16, False) is am._mass_online_kernel
+    want = attention_mass_reference(q, k, cu_q, cu_k, key_region, 5, heads=heads, **seg_kwargs)
+    got = attention_mass_triton(q, k, cu_q, cu_k, key_region, 5, heads=heads, block_n=16,
+                                softmax_scale=default_scale(48), **seg_kwargs)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("regions,num_regions,deterministic",
+                         [("coarse", 6, False), ("patch", 90, False), ("patch", 90, True)])
+def test_lse_fed_result_equals_the_lse_free_one(regions, num_regions, deterministic):
+    """Every kernel pair (single pass vs two-pass coarse; atomic; windowed) agrees with and
+    without the true normaliser, on the same plan."""
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+
+    seed = fresh_seed()
+    q, k, cu_q, cu_k, key_region, seg_kwargs = _inputs(seed, 8, 2, 64, torch.float16, regions,
+                                                       num_regions, "runs")
+    lse = reference_lse(q, k, cu_q, cu_k, True, default_scale(64))
+    plan = plan_attention_mass_triton(
+        cu_q.cpu().long(), cu_k.cpu().long(), key_region, num_regions, dtype=q.dtype,
+        num_heads=8, num_kv_heads=2, head_dim=64, heads=[0, 5, 6],
+        query_segment_host=seg_kwargs["query_segment"].cpu().long(), num_segments=6,
+        deterministic=deterministic, block_n=16)
+    free = run_attention_mass_triton(plan, q, k)
+    fed = run_attention_mass_triton(plan, q, k, lse)
+    assert free.abs().sum() > 0
+    torch.testing.assert_close(fed, free, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
 def test_zero_cases_rows_without_visible_key_empty_segments_and_regions():
     """Rows that see no key (Lq > Lk, causal) or only region −1 keys, empty segments and empty
     regions are exactly 0; rows that see every key as a region sum to 1 over regions."""

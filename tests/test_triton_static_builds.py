@@ -94,12 +94,14 @@ def test_launchers_choose_configurations_from_the_same_list():
     from kawhi_kernels.triton._utils import compiled_dot_precision
 
     acc, block_r = am._accumulation(3, False, 64, torch.bfloat16)
-    constexprs, warps, stages = am._launch_meta(torch.bfloat16, 128, acc, max(16, block_r),
-                                                am._output_mode(True, False), 8, has_lse=True,
-                                                causal=True,
-                                                dot_precision_=compiled_dot_precision())
-    checked = [(b.constexprs, b.num_warps, b.num_stages) for b in am.kernel_builds()]
-    assert (dict(constexprs, BLOCK_R=64), warps, stages) in checked
+    checked = [(b.kernel, b.constexprs, b.num_warps, b.num_stages) for b in am.kernel_builds()]
+    for has_lse in (False, True):
+        constexprs, warps, stages = am._launch_meta(torch.bfloat16, 128, acc, max(16, block_r),
+                                                    am._output_mode(True, False), 8,
+                                                    has_lse=has_lse, causal=True,
+                                                    dot_precision_=compiled_dot_precision())
+        kernel = am._main_kernel(acc, 64, has_lse)
+        assert (kernel, dict(constexprs, BLOCK_R=64), warps, stages) in checked
 
 
 def test_checker_flags_spills_shared_memory_missing_tensor_cores_and_compile_errors():
@@ -111,3 +113,18 @@ def test_checker_flags_spills_shared_memory_missing_tensor_cores_and_compile_err
     assert "shared memory" in B.problems(dict(good, shared=B.SHARED_LIMIT[90] + 1))[0]
     assert "tensor-core" in B.problems(dict(good, hgmma=0))[0]
     assert "does not compile" in B.problems({"name": "x", "arch": 80, "error": "boom"})[0]
+    assert "pipelined" in B.problems(dict(good, async_copies=True))[0]
+    assert B.problems(dict(good, async_copies=True, ldgsts=4)) == []
+
+
+def test_attention_mass_region_loops_are_pipelined_with_and_without_lse(report):
+    """The atomic kernel's loops (region pass with lse) load K with cp.async on sm_80 and sm_90
+    for fp16/bf16 (no ``if`` around the loop body). The coarse kernels run 1 stage for now
+    (pipelined they spill on sm_80 with Triton 3.6, see _tile_config)."""
+    rows, _ = report
+    piped = [r for r in rows if r["name"].startswith("attention_mass ") and " fp32 " not in r["name"]
+             and " atomic/" in r["name"]]
+    assert {r["arch"] for r in piped} == set(ARCHS)
+    assert any(r["name"].endswith(" lse") for r in piped)
+    assert all(r["async_copies"] and r["ldgsts"] + r["tma"] > 0 for r in piped), [
+        (r["name"], r["arch"]) for r in piped if r["ldgsts"] + r["tma"] == 0]

@@ -12,7 +12,7 @@ CSV_COLUMNS = [
     "run_id", "date", "device", "gpu", "op", "backend", "lse", "shape", "family", "batch", "seq_len",
     "rows", "image_tokens", "regions", "output", "heads", "causal", "dtype", "p50_ms", "p20_ms",
     "p80_ms", "repeats", "peak_mib", "max_rel_err", "status", "note", "torch", "triton", "cuda",
-    "git_commit", "command",
+    "git_commit", "command", "scores_per_s", "roofline_frac",
 ]
 
 BASELINE = {"attention_mass": "naive", "cosine_alignment": "naive", "sguf": "numpy_skimage",
@@ -125,7 +125,7 @@ def _table(op: str, rows: list[dict]) -> list[str]:
         head = ["variant", "p50 ms [p20–p80]", "overhead vs forward", "peak MiB", "max rel err", "status", "note"]
     elif op == "attention_mass":
         head = ["backend", "p50 ms [p20–p80]", "speedup vs naive", "memory ÷ naive", "time ÷ flash",
-                "peak MiB", "max rel err", "status", "note"]
+                "scores/s", "of limit", "peak MiB", "max rel err", "status", "note"]
     else:
         head = ["backend", "p50 ms [p20–p80]", f"speedup vs {BASELINE.get(op)}", "memory ÷ baseline",
                 "peak MiB", "max rel err", "status", "note"]
@@ -143,6 +143,9 @@ def _table(op: str, rows: list[dict]) -> list[str]:
             cells = [_label(r), _fmt_time(r), _ratio(base_t, t), mem]
             if op == "attention_mass":
                 cells.append(_ratio(t, flash_t, ""))
+                rate, frac = _num(r.get("scores_per_s")), _num(r.get("roofline_frac"))
+                cells += ["—" if rate is None else f"{rate:.3g}",
+                          "—" if frac is None else f"{100 * frac:.1f}%"]
             cells += [peak_s, err_s, r["status"], r.get("note", "")]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return lines
@@ -169,6 +172,9 @@ def markdown_report(records: list[dict], meta: dict, *, warmup: int, copies: int
         + ("CUDA events." if not cpu else "perf_counter."),
         "- speedup = baseline p50 ÷ p50; memory ÷ = peak ÷ baseline peak (extra memory incl. output); "
         "time ÷ flash = p50 ÷ flash-forward p50 (same rows and keys).",
+        "- scores/s = visible softmax scores (rows × keys × heads) per second; of limit = the chip's "
+        "physical bound for those scores (exp throughput or tensor-core FLOPs, from SM count and "
+        "clock: kawhi_kernels.bench.roofline) ÷ p50. GPU rows only.",
         "- max rel err = max |out − ref| / max(|ref|, 1e-3·max|ref|) vs the fp64 reference of this run "
         "(attention_mass: first sequence, last 128 rows or all its segments).",
         "",

@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 import torch
 
 from .cases import BenchContext, Case, Unavailable
+from .cases import _attention_data as attention_data
+from .roofline import device_limits, roofline, softmax_scores
 from .timing import peak_extra_mib, synchronize, time_calls
 
 MAX_STATUS_CHARS = 300
@@ -45,7 +47,19 @@ def base_record(case: Case, ctx: BenchContext, meta: dict) -> dict:
         "max_rel_err": None, "status": "", "note": "",
         "torch": meta["torch"], "triton": meta["triton"], "cuda": meta["cuda"],
         "git_commit": meta["git_commit"], "command": meta["command"],
+        "scores_per_s": None, "roofline_frac": None,
     }
+
+
+def _roofline_columns(case: Case, ctx: BenchContext, p50_ms: float) -> dict:
+    """scores_per_s / roofline_frac of an attention_mass row on a GPU (empty otherwise)."""
+    limits = device_limits(ctx.device) if case.op == "attention_mass" else None
+    if limits is None or not p50_ms:
+        return {}
+    data = attention_data(ctx, case.shape)                      # the case's cached inputs
+    scores = softmax_scores(data.cu_seqlens_q, data.cu_seqlens_k, data.qs[0].shape[1], data.causal)
+    line = roofline(scores, data.qs[0].shape[2], p50_ms / 1e3, limits)
+    return {"scores_per_s": line["scores_per_s"], "roofline_frac": line["fraction"]}
 
 
 def run_case(case: Case, ctx: BenchContext, meta: dict, *, warmup: int, repeats: int,
@@ -62,6 +76,7 @@ def run_case(case: Case, ctx: BenchContext, meta: dict, *, warmup: int, repeats:
         synchronize(ctx.device)
         record.update(p50_ms=timing.p50_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                       repeats=timing.repeats, peak_mib=peak, max_rel_err=err, status="ok")
+        record.update(_roofline_columns(case, ctx, timing.p50_ms))
     except Unavailable as exc:
         record["status"] = f"unavailable: {exc}"[:MAX_STATUS_CHARS]
     except Exception as exc:  # recorded, never fatal: OOM or a broken backend

@@ -13,13 +13,17 @@ from .._fused_host import next_pow2  # noqa: F401  (re-exported for the kernel m
 from .._compat import interpreter_computes_bf16_dot
 
 
-def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
-    """Launch keywords for compiled kernels; none under the interpreter, which ignores them."""
+def launch_options(num_warps: int, num_stages: int | None = None,
+                   maxnreg: int | None = None) -> dict:
+    """Launch keywords for compiled kernels; none under the interpreter, which ignores them.
+    ``maxnreg`` (a ptxas register limit per thread) is passed on NVIDIA only."""
     if triton_interpreter_enabled():
         return {}
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
+    if maxnreg is not None and torch.version.hip is None:
+        options["maxnreg"] = maxnreg
     return options
 
 

@@ -7,25 +7,35 @@ tile (row-major over (row, head)), so every K tile is loaded once per group and 
 repeats K (a KV head with more selected query heads than the tile's M, > 64, or > 16 for fp32,
 is split into several groups that each read its K).
 
-Pass 1 (skipped when ``lse`` is given): online-softmax row max and sum over the visible keys.
-Pass 2: recompute the scores, p = exp(s − lse), and accumulate p into regions in fp32:
+One kernel per accumulation scheme, sharing the ``@triton.jit`` helpers (block setup, score
+tile, normaliser, region probabilities, one-hot product, stores) and the named constexpr output
+modes (``OUT_ROWS``, ``OUT_SEG_ATOMIC``, ``OUT_PARTIAL``):
 
-* coarse regions (R ≤ ``coarse_max_regions``): acc[M, R] += P @ onehot(key → region), the one-hot
-  tile built on the fly per key tile, held in registers over all key tiles and written once;
-* per-patch regions, ``deterministic=False``: column sums scattered with ``tl.atomic_add`` (rows
-  of a segment summed inside the tile first);
-* per-patch regions, ``deterministic=True``: for each key tile, the window(s) of BLOCK_R region
-  ids its keys cover get P @ onehot(window), added with plain load-add-store into memory the
-  program owns (per-row outputs, or one partial row per block for segments); segment partials
-  are then summed by a second kernel in a fixed block order. Bit-identical run to run.
+* ``_mass_online_kernel`` — coarse regions (R ≤ 64) without ``lse``, one pass: an [M, R] fp32
+  accumulator of exp2(s − m) · onehot(key → region) for the running row max m, rescaled when m
+  grows (flash-forward style, the one-hot as V), divided by the row sum at the end;
+* ``_mass_coarse_kernel`` — coarse regions with ``lse`` (or R > 64 registers): pass 1 (skipped
+  when ``lse`` is given) computes the normaliser, pass 2 recomputes the scores,
+  p = exp(s − lse), and acc[M, R] += P @ onehot, held in registers and written once;
+* ``_mass_atomic_kernel`` — per-patch regions, ``deterministic=False``: column sums scattered
+  with ``tl.atomic_add`` (rows of a segment summed inside the tile first);
+* ``_mass_window_kernel`` — per-patch regions, ``deterministic=True``: for each key tile, the
+  window(s) of BLOCK_R region ids its keys cover get P @ onehot(window), added with plain
+  load-add-store into memory the program owns (per-row outputs, or one partial row per block for
+  segments); segment partials are then summed by a second kernel in a fixed block order.
+  Bit-identical run to run.
+
+The region passes loop over the per-block key-tile range [t0, t1) of the planner
+(:func:`.._fused_host.region_tile_ranges`): bounds are data and the body has no branch, so the
+K loads are software-pipelined (cp.async; checked in the static builds).
 
 The one-hot products run on fp16 tensor cores with p split into fp16 hi + lo parts (the 0/1
 matrix is exact), which keeps them fp32-accurate (~2^-22 relative); p is capped at 1 (exceeded
 only by an underestimated ``lse``, on every backend alike), so the split never overflows. QKᵀ uses the input dtype on
 tensor cores with fp32 accumulation (tf32x3 for fp32 inputs on NVIDIA).
 
-Key tiles beyond the causal limit of the block's last row are skipped in both passes, key tiles
-without any region key in pass 2 (per-tile region span precomputed with torch). Offsets are
+Key tiles beyond the causal limit of the block's last row are skipped in every pass, key tiles
+before the sequence's first and after its last region tile in the region pass. Offsets are
 int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64 inputs to the
 torch reference).
 
@@ -46,9 +56,12 @@ import triton.language as tl
 
 from .._backend import check_head_dim, triton_mass_head_dim_limit
 from .._fused_host import (
+    block_key_tiles,
     head_groups,
+    key_tile_visits,
     key_tiles,
     last_dim_contiguous,
+    region_tile_ranges,
     row_blocks,
     segment_block_lists,
 )
@@ -65,27 +78,47 @@ from ._utils import (
 
 LOG2E = 1.4426950408889634
 
-# Output modes of the main kernel.
-_OUT_ROWS = 0        # out[global row, slot, region]; each row owned by one program
-_OUT_SEG_ATOMIC = 1  # out[segment, slot, region] via atomics
-_OUT_PARTIAL = 2     # partial[block, slot, region]; reduced afterwards in block order
-# Region accumulation schemes.
-_ACC_COARSE = 0      # registers [M, BLOCK_R], one-hot matmul
-_ACC_ATOMIC = 1      # per-tile atomics of column sums
-_ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-store
+# Output modes, named constexprs the kernels compare against (the host reads their values).
+OUT_ROWS = tl.constexpr(0)        # out[global row, slot, region]; each row owned by one program
+OUT_SEG_ATOMIC = tl.constexpr(1)  # out[segment, slot, region] via atomics
+OUT_PARTIAL = tl.constexpr(2)     # partial[block, slot, region]; reduced afterwards in block order
+_OUT_ROWS, _OUT_SEG_ATOMIC, _OUT_PARTIAL = OUT_ROWS.value, OUT_SEG_ATOMIC.value, OUT_PARTIAL.value
+# Region accumulation schemes, one kernel each (host side only).
+_ACC_COARSE = 0      # registers [M, BLOCK_R], one-hot matmul: _mass_coarse_kernel / _online_kernel
+_ACC_ATOMIC = 1      # per-tile atomics of column sums: _mass_atomic_kernel
+_ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-store: _mass_window_kernel
+# Names of the kernels a run may launch (module attributes, looked up at each launch).
+LAUNCHED_KERNELS = ("_mass_online_kernel", "_mass_coarse_kernel", "_mass_atomic_kernel",
+                    "_mass_window_kernel", "_sum_partials_kernel")
+# ptxas register limit of the main kernels (8 warps may use 255): without it ptxas caps several
+# pipelined sm_80 builds at 128 registers and spills; with it the two-pass coarse kernel with
+# per-row output at the widest stacking (GP 64) spills instead (both found by the static builds),
+# so that one launch keeps ptxas's own choice.
+MAX_REGISTERS = 255
 
+
+def _max_registers(constexprs: dict) -> int | None:
+    """The ``maxnreg`` of a launch of the main kernels (see ``MAX_REGISTERS``)."""
+    if "HAS_LSE" in constexprs and constexprs["OUT_MODE"] == _OUT_ROWS and constexprs["GP"] >= 64 \
+            and constexprs["BLOCK_R"] <= ONE_PASS_MAX_REGIONS:
+        return None
+    return MAX_REGISTERS
+# Largest R of the single-pass kernel (its [M, R] accumulator is rescaled every key tile).
+ONE_PASS_MAX_REGIONS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the kernels.
 
 @triton.jit
-def _attention_mass_kernel(
-    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
-    cu_q_ptr, cu_k_ptr, blocks_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
-    group_kv_ptr, group_head_ptr, group_slot_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
-    num_regions, head_dim, scale_log2,
-    HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr, ACC_MODE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+def _program_block(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
+                   group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim,
+                   CAUSAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """This program's row block and KV group: the stacked q tile [M, BLOCK_D] (row-major over
+    (row, head), zero for padding), the KV head's K base pointer, per stacked row its global row,
+    head, output slot, validity and causal key limit (keys n < limit are visible), the block's
+    key end n_end, its sequence and segment."""
     M: tl.constexpr = BLOCK_ROWS * GP
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -108,36 +141,50 @@ def _attention_mass_kernel(
     grow = (row0 + r).to(tl.int64)
     head64 = tl.maximum(head, 0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
     q = tl.load(q_ptr + grow[:, None] * stride_qt + head64[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
     k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv.to(tl.int64) * stride_kh
-    region_base = region_ptr + k_start.to(tl.int64)
-
-    # Keys n < limit[m] are visible to stacked row m; n_end bounds the whole block.
-    if CAUSAL:
+    if CAUSAL:                                        # bottom-right aligned
         limit = tl.minimum(local0 + r + 1 + lk - lq, lk)
         n_end = tl.minimum(local0 + nrows + lk - lq, lk)
     else:
         limit = tl.zeros([M], dtype=tl.int32) + lk
         n_end = lk
     limit = tl.where(row_ok, limit, 0)
+    return q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end
 
-    # ---- pass 1: log2-domain normaliser per stacked row ----
+
+@triton.jit
+def _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """log2-domain scores [M, BLOCK_N] of the key tile at ``start`` (keys ≥ n_end read as 0) and
+    the tile's key offsets within the sequence."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                 mask=(offs_n < n_end)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
+    return s, offs_n
+
+
+@triton.jit
+def _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok, limit, n_end,
+                stride_kt, head_dim, scale_log2, HAS_LSE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """(log2 normaliser [M], finite [M]) per stacked row: the given natural-log ``lse`` in log2
+    units, or pass 1 (online max and sum over the visible keys). A non-finite normaliser (no
+    visible key; FlashAttention writes ±inf there) makes its row 0."""
     if HAS_LSE:
         lse = tl.load(lse_ptr + head64 * stride_lh + grow * stride_lt, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
-        # A non-finite normaliser (FlashAttention writes ±inf for a row without keys) gives 0.
         lse_ok = tl.abs(lse2) < float("inf")
         lse2 = tl.where(lse_ok, lse2, 0.0)
     else:
-        m_i = tl.full([M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([M], dtype=tl.float32)
+        m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros(limit.shape, dtype=tl.float32)
         for start in range(0, n_end, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                         mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
+            s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
+                                BLOCK_N, BLOCK_D, DOT_PRECISION)
             s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -145,78 +192,244 @@ def _attention_mass_kernel(
             m_i = m_new
         lse_ok = l_i > 0
         lse2 = tl.where(lse_ok, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
+    return lse2, lse_ok
 
-    # ---- pass 2: probabilities into regions ----
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_g = tl.arange(0, GP)
-    slot_g = tl.load(group_slot_ptr + pid_g * GP + offs_g)          # [GP], −1 for padding
-    if OUT_MODE == 0:
-        out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
+
+@triton.jit
+def _region_probabilities(s, offs_n, limit, region, lse2, lse_ok):
+    """p [M, BLOCK_N] of the visible region keys (0 elsewhere) and where it may be non-zero.
+    p ≤ 1 for a true normaliser; capping it defines an underestimated lse (and keeps the fp16
+    hi/lo split of p finite) the same way on every backend."""
+    take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :] & lse_ok[:, None]
+    p = tl.where(take, tl.minimum(tl.exp2(s - lse2[:, None]), 1.0), 0.0)
+    return p, take
+
+
+@triton.jit
+def _onehot_dot(p_hi, p_lo, region, cols, acc):
+    """acc + p @ onehot(region == cols) on fp16 tensor cores, p given as its fp16 hi/lo split
+    (the 0/1 matrix is exact, so the product is fp32-accurate)."""
+    onehot = (region[:, None] == cols[None, :]).to(tl.float16)
+    acc = tl.dot(p_hi, onehot, acc)
+    return tl.dot(p_lo, onehot, acc)
+
+
+@triton.jit
+def _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot, OUT_MODE: tl.constexpr,
+               GP: tl.constexpr):
+    """Output row pointers [GP, 1] of the group's heads for the segment modes (the segment's row
+    for atomics, the block's partial row otherwise) and which of them are real heads."""
+    if OUT_MODE == OUT_SEG_ATOMIC:
+        out_row = seg.to(tl.int64)
     else:
-        if OUT_MODE == 1:
-            out_row = seg.to(tl.int64)
+        out_row = tl.program_id(0).to(tl.int64)
+    slot_g = tl.load(group_slot_ptr + tl.program_id(1) * GP + tl.arange(0, GP))   # −1: padding
+    return out_ptr + out_row * stride_orow + tl.maximum(slot_g, 0)[:, None] * stride_oslot, slot_g >= 0
+
+
+@triton.jit
+def _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
+                   stride_oslot, num_regions, OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   GP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Write a block's [M, BLOCK_R] region masses: per row, or summed over its rows per head
+    (atomically into the segment, or into the block's partial row)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    col_ok = offs_r < num_regions
+    if OUT_MODE == OUT_ROWS:
+        out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
+        tl.store(out_rows + offs_r[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
+                                      OUT_MODE, GP)
+        red = tl.sum(tl.reshape(acc, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+        ok = head_ok[:, None] & col_ok[None, :]
+        if OUT_MODE == OUT_SEG_ATOMIC:
+            tl.atomic_add(out_grp + offs_r[None, :], red, mask=ok, sem="relaxed")
         else:
-            out_row = pid_b.to(tl.int64)
-        out_grp = out_ptr + out_row * stride_orow + tl.maximum(slot_g, 0)[:, None] * stride_oslot
-    acc = tl.zeros([M, BLOCK_R], dtype=tl.float32)
-    tile0 = tl.load(tile_base_ptr + seq)
+            tl.store(out_grp + offs_r[None, :], red, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: one per accumulation scheme, plus the single-pass coarse kernel. All take the same
+# arguments (one launcher); the second-pass kernels loop over the key tiles [t0, t1) of their
+# block's region span (``block_tiles``, precomputed by the planner): loop bounds are data, the
+# body has no branch, so Triton software-pipelines the K loads.
+
+@triton.jit
+def _mass_online_kernel(
+    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    group_kv_ptr, group_head_ptr, group_slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
+    num_regions, head_dim, scale_log2,
+    CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Coarse regions without ``lse`` in one pass over the visible keys (flash-forward style):
+    acc[M, R] holds Σ exp2(s − m) · onehot(region) for the running row max m, rescaled when m
+    grows, and is divided by the row sum at the end. p = exp2(s − m) ≤ 1 keeps its fp16 hi/lo
+    split exact; a row without any visible key has sum 0 and gets 0."""
+    q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
+        q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
+        group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
+        BLOCK_ROWS, GP, BLOCK_D)
+    region_base = region_ptr + k_start.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros(limit.shape, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
     for start in range(0, n_end, BLOCK_N):
-        tile = tile0 + start // BLOCK_N
-        rmax = tl.load(tile_rmax_ptr + tile)
-        if rmax >= 0:
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n_end
-            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            region = tl.load(region_base + offs_n, mask=n_ok, other=-1)
-            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
-            take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :] & lse_ok[:, None]
-            # p ≤ 1 for a true normaliser; capping it defines an underestimated lse (and keeps
-            # the fp16 hi/lo split of p finite) the same way on every backend.
-            p = tl.where(take, tl.minimum(tl.exp2(s - lse2[:, None]), 1.0), 0.0)
-            if ACC_MODE == 0:
-                onehot = (region[:, None] == offs_r[None, :]).to(tl.float16)
-                p_hi, p_lo = split_fp16(p)
-                acc = tl.dot(p_hi, onehot, acc)
-                acc = tl.dot(p_lo, onehot, acc)
-            elif ACC_MODE == 1:
-                if OUT_MODE == 0:
-                    tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
-                else:
-                    colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
-                    tl.atomic_add(out_grp + region[None, :], colsum,
-                                  mask=(slot_g >= 0)[:, None] & (region >= 0)[None, :], sem="relaxed")
-            else:
-                rmin = tl.load(tile_rmin_ptr + tile)
-                p_hi, p_lo = split_fp16(p)
-                for w0 in range(rmin, rmax + 1, BLOCK_R):
-                    cols = w0 + offs_r
-                    onehot = (region[:, None] == cols[None, :]).to(tl.float16)
-                    part = tl.dot(p_lo, onehot, tl.dot(p_hi, onehot))
-                    col_ok = cols <= rmax
-                    if OUT_MODE == 0:
-                        ptrs = out_rows + cols[None, :]
-                        ok = row_ok[:, None] & col_ok[None, :]
-                        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
-                    else:
-                        red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
-                        ptrs = out_grp + cols[None, :]
-                        ok = (slot_g >= 0)[:, None] & col_ok[None, :]
-                        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
-                    # The next window/tile may re-read these addresses from other threads (or
-                    # replicated copies of a small tile): make the stores visible to the CTA.
-                    tl.debug_barrier()
-    if ACC_MODE == 0:
-        col_ok = offs_r < num_regions
-        if OUT_MODE == 0:
-            tl.store(out_rows + offs_r[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
+                            BLOCK_N, BLOCK_D, DOT_PRECISION)
+        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
+        s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)                 # 0 while the row has seen no key
+        p = tl.exp2(s - m_safe[:, None])              # ≤ 1; 0 for invisible keys
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_hi, p_lo = split_fp16(tl.where((region >= 0)[None, :], p, 0.0))
+        acc = _onehot_dot(p_hi, p_lo, region, offs_r, acc * alpha[:, None])
+        m_i = m_new
+    acc = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
+    _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
+                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
+
+
+@triton.jit
+def _mass_coarse_kernel(
+    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    group_kv_ptr, group_head_ptr, group_slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
+    num_regions, head_dim, scale_log2,
+    HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Coarse regions, two passes (normaliser given or pass 1, then p into regions):
+    acc[M, R] += P @ onehot(key → region) over the block's region tiles, written once."""
+    q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
+        q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
+        group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
+        BLOCK_ROWS, GP, BLOCK_D)
+    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
+                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
+                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    region_base = region_ptr + k_start.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
+    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
+    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
+    for t in range(t0, t1):
+        start = t * BLOCK_N
+        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
+                            BLOCK_N, BLOCK_D, DOT_PRECISION)
+        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
+        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
+        p_hi, p_lo = split_fp16(p)
+        acc = _onehot_dot(p_hi, p_lo, region, offs_r, acc)
+    _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
+                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
+
+
+@triton.jit
+def _mass_atomic_kernel(
+    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    group_kv_ptr, group_head_ptr, group_slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
+    num_regions, head_dim, scale_log2,
+    HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Per-patch regions, non-deterministic: p scattered into the output with relaxed atomics
+    (per row, or the column sums of the block's rows per head for segments)."""
+    q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
+        q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
+        group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
+        BLOCK_ROWS, GP, BLOCK_D)
+    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
+                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
+                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    region_base = region_ptr + k_start.to(tl.int64)
+    out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
+    out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
+                                  OUT_MODE, GP)
+    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
+    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
+    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+        start = t * BLOCK_N
+        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
+                            BLOCK_N, BLOCK_D, DOT_PRECISION)
+        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
+        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
+        if OUT_MODE == OUT_ROWS:
+            tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
         else:
-            red = tl.sum(tl.reshape(acc, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
-            ok = (slot_g >= 0)[:, None] & col_ok[None, :]
-            if OUT_MODE == 1:
-                tl.atomic_add(out_grp + offs_r[None, :], red, mask=ok, sem="relaxed")
+            colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
+            tl.atomic_add(out_grp + region[None, :], colsum,
+                          mask=head_ok[:, None] & (region >= 0)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _mass_window_kernel(
+    q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    group_kv_ptr, group_head_ptr, group_slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
+    num_regions, head_dim, scale_log2,
+    HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Per-patch regions, deterministic: for each key tile, the window(s) of BLOCK_R region ids
+    its keys cover ([tile_rmin, tile_rmax], empty for a tile without region keys) get
+    P @ onehot(window), added with plain load-add-store into memory the program owns (per-row
+    outputs, or the block's partial row for segments). Bit-identical run to run."""
+    q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
+        q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
+        group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
+        BLOCK_ROWS, GP, BLOCK_D)
+    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
+                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
+                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    region_base = region_ptr + k_start.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
+    out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
+                                  OUT_MODE, GP)
+    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
+    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
+    tile0 = tl.load(tile_base_ptr + seq)             # the sequence's first key tile
+    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+        start = t * BLOCK_N
+        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
+                            BLOCK_N, BLOCK_D, DOT_PRECISION)
+        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
+        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
+        p_hi, p_lo = split_fp16(p)
+        rmin = tl.load(tile_rmin_ptr + tile0 + t)
+        rmax = tl.load(tile_rmax_ptr + tile0 + t)
+        for w0 in range(rmin, rmax + 1, BLOCK_R):
+            cols = w0 + offs_r
+            part = _onehot_dot(p_hi, p_lo, region, cols, tl.zeros([BLOCK_ROWS * GP, BLOCK_R],
+                                                                   dtype=tl.float32))
+            col_ok = cols <= rmax
+            if OUT_MODE == OUT_ROWS:
+                ptrs = out_rows + cols[None, :]
+                ok = row_ok[:, None] & col_ok[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
             else:
-                tl.store(out_grp + offs_r[None, :], red, mask=ok)
+                red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+                ptrs = out_grp + cols[None, :]
+                ok = head_ok[:, None] & col_ok[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
+            # The next window/tile may re-read these addresses from other threads (or
+            # replicated copies of a small tile): make the stores visible to the CTA.
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -246,7 +459,11 @@ def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, i
     """
     if dtype == torch.float32:                      # D ≤ 128 (triton_mass_head_dim_limit)
         return 16, 16, (8 if acc_mode == _ACC_WINDOW else 4), 1, 16
-    return (64, 64, 8, 2, 64) if d <= 128 else (64, 32, 8, 2, 64)
+    # Coarse kernels (single pass and the lse region pass): 1 stage. Pipelined (2 stages) they
+    # load K with cp.async and compile spill-free with Triton 3.9, but Triton 3.6 spills on sm_80
+    # (up to 264 B, static builds); a per-Triton/arch choice is left to the autotune work.
+    stages = 1 if acc_mode == _ACC_COARSE else 2
+    return (64, 64, 8, stages, 64) if d <= 128 else (64, 32, 8, stages, 64)
 
 
 def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int,
@@ -270,8 +487,9 @@ def _output_mode(segmented: bool, deterministic: bool) -> int:
 def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mode: int, gp: int,
                  *, has_lse: bool, causal: bool, dot_precision_: str,
                  block_rows: int | None = None, block_n: int | None = None) -> tuple[dict, int, int]:
-    """(constexprs, num_warps, num_stages) of one ``_attention_mass_kernel`` launch: the only
-    place launch parameters are chosen, used by the launcher and by :func:`kernel_builds`."""
+    """(constexprs, num_warps, num_stages) of one launch of :func:`_main_kernel` (same
+    arguments): the only place launch parameters are chosen, used by the launcher and by
+    :func:`kernel_builds`."""
     stacked_rows, default_n, num_warps, num_stages, _ = _tile_config(dtype, d, acc_mode)
     block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
     block_n = block_n if block_n is not None else default_n
@@ -280,11 +498,25 @@ def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mo
     if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
         block_rows = next_pow2(-(-16 // gp))
     block_rows = next_pow2(block_rows)
-    constexprs = dict(HAS_LSE=bool(has_lse), CAUSAL=bool(causal), OUT_MODE=out_mode,
-                      ACC_MODE=acc_mode, BLOCK_ROWS=block_rows, GP=gp, BLOCK_N=block_n,
-                      BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
-                      DOT_PRECISION=dot_precision_)
+    constexprs = dict(CAUSAL=bool(causal), OUT_MODE=out_mode, BLOCK_ROWS=block_rows, GP=gp,
+                      BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
+                      DOT_PRECISION=dot_precision_, NUM_STAGES=num_stages)
+    if not _single_pass(acc_mode, block_r, has_lse):
+        constexprs["HAS_LSE"] = bool(has_lse)
     return constexprs, num_warps, num_stages
+
+
+def _single_pass(acc_mode: int, block_r: int, has_lse: bool) -> bool:
+    """Whether a launch uses the single-pass kernel: coarse regions (R ≤ 64) without ``lse``."""
+    return acc_mode == _ACC_COARSE and block_r <= ONE_PASS_MAX_REGIONS and not has_lse
+
+
+def _main_kernel(acc_mode: int, block_r: int, has_lse: bool):
+    """The ``@triton.jit`` kernel of a launch (looked up when called, so it can be replaced)."""
+    if _single_pass(acc_mode, block_r, has_lse):
+        return _mass_online_kernel
+    return {_ACC_COARSE: _mass_coarse_kernel, _ACC_ATOMIC: _mass_atomic_kernel,
+            _ACC_WINDOW: _mass_window_kernel}[acc_mode]
 
 
 def kernel_builds():
@@ -292,7 +524,8 @@ def kernel_builds():
     :mod:`.builds`): each dtype × tile class (D ≤ 128, D ≤ 256 — fp16/bf16 only — at the widest D) × accumulation
     and output mode × lse on/off × stacking (8 heads per KV group, and the largest group the
     tile allows), plus the deterministic segment reduction. Causal masking is on (off only
-    drops the mask)."""
+    drops the mask). Coarse regions without lse build the single-pass kernel (what the
+    launcher runs), with lse the two-pass coarse kernel."""
     from .builds import KernelBuild
 
     precision = compiled_dot_precision()
@@ -320,14 +553,18 @@ def kernel_builds():
                         constexprs, warps, stages = _launch_meta(
                             dtype, d, acc, block_r, out, gp, has_lse=has_lse, causal=True,
                             dot_precision_=precision)
+                        acc_name = ("one-pass" if _single_pass(acc, block_r, has_lse)
+                                    else acc_names[acc])
                         builds.append(KernelBuild(
-                            name=(f"attention_mass {tname} D={d} {acc_names[acc]}/{out_names[out]}"
+                            name=(f"attention_mass {tname} D={d} {acc_name}/{out_names[out]}"
                                   f" GP={gp} {'lse' if has_lse else 'no-lse'}"),
-                            kernel=_attention_mass_kernel,
+                            kernel=_main_kernel(acc, block_r, has_lse),
                             pointer_types={"q_ptr": "*" + tname, "k_ptr": "*" + tname,
                                            "lse_ptr": "*fp32", "out_ptr": "*fp32"},
                             float_args=("scale_log2",), constexprs=constexprs,
-                            num_warps=warps, num_stages=stages, tensor_cores=True))
+                            num_warps=warps, num_stages=stages, tensor_cores=True,
+                            async_copies=stages > 1 and acc != _ACC_WINDOW,
+                            maxnreg=_max_registers(constexprs)))
     for block in (16, 1024):
         builds.append(KernelBuild(
             name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
@@ -338,9 +575,10 @@ def kernel_builds():
 
 @dataclass(frozen=True)
 class MassLaunchPlan:
-    """Everything one ``_attention_mass_kernel`` launch needs except q, k and lse: built once per
-    batch layout by :func:`plan_attention_mass_triton`, on the layout's device. The tiles do not
-    depend on ``lse``: each run sets ``HAS_LSE`` itself.
+    """Everything one ``attention_mass`` launch needs except q, k and lse: built once per batch
+    layout by :func:`plan_attention_mass_triton`, on the layout's device. The tables do not
+    depend on ``lse``; the launch parameters of both cases are planned (``launches[has_lse]``:
+    (constexprs, num_warps, num_stages)), and each run picks its kernel (:func:`_main_kernel`).
 
     ``run_attention_mass_triton`` reads only these tensors and Python values: no host sync, no
     data-dependent shape.
@@ -352,14 +590,16 @@ class MassLaunchPlan:
     num_regions: int
     num_segments: int
     out_mode: int
-    constexprs: dict
-    num_warps: int
-    num_stages: int
+    acc_mode: int
+    block_r: int
+    launches: dict
     scale_log2: float
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     region: torch.Tensor
     blocks: torch.Tensor
+    block_key_tiles: torch.Tensor
+    region_tiles: torch.Tensor
     tile_base: torch.Tensor
     tile_rmin: torch.Tensor
     tile_rmax: torch.Tensor
@@ -372,6 +612,18 @@ class MassLaunchPlan:
     @property
     def num_blocks(self) -> int:
         return self.blocks.shape[0]
+
+    @property
+    def constexprs(self) -> dict:
+        """Constexprs of the launch without ``lse`` (tiles are the same with it)."""
+        return self.launches[False][0]
+
+    def key_tile_visits(self, has_lse: bool) -> int:
+        """QKᵀ tiles a run visits (all programs; :func:`.._fused_host.key_tile_visits` over the
+        plan's own loop tables; syncs once for the region ranges: not for the hot path)."""
+        single = _single_pass(self.acc_mode, self.block_r, has_lse)
+        return key_tile_visits(self.block_key_tiles, self.region_tiles, self.kv_tab.numel(),
+                               normaliser_pass=not has_lse, region_pass=not single)
 
 
 def plan_attention_mass_triton(
@@ -421,23 +673,32 @@ def plan_attention_mass_triton(
         raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
     kv_tab, head_tab, slot_tab, gp = head_groups(heads, num_heads // num_kv_heads, max_group, device)
     out_mode = _output_mode(segmented, deterministic)
-    constexprs, num_warps, num_stages = _launch_meta(
-        dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=False, causal=causal,
+    launches = {has_lse: _launch_meta(
+        dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=has_lse, causal=causal,
         dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
-    blocks_host = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, constexprs["BLOCK_ROWS"],
+        for has_lse in (False, True)}
+    tiles = launches[False][0]
+    if any(launches[True][0][key] != tiles[key] for key in ("BLOCK_ROWS", "BLOCK_N")):
+        raise AssertionError("the row-block and key-tile tables are shared by both launches")
+    blocks_host = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, tiles["BLOCK_ROWS"],
                              query_segment_host)
-    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, constexprs["BLOCK_N"])
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, tiles["BLOCK_N"])
+    visible_tiles = block_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host,
+                                    tiles["BLOCK_N"], causal)
+    region_tiles = region_tile_ranges(blocks_host, visible_tiles, cu_seqlens_k_host, tile_rmax,
+                                      tiles["BLOCK_N"])
     seg_start = seg_order = None
     if out_mode == _OUT_PARTIAL:
         seg_start, seg_order = (t.to(device) for t in segment_block_lists(blocks_host, num_segments))
     return MassLaunchPlan(
         device=device, heads=tuple(heads), num_out=num_out, num_regions=num_regions,
-        num_segments=num_segments, out_mode=out_mode, constexprs=constexprs,
-        num_warps=num_warps, num_stages=num_stages, scale_log2=scale * LOG2E,
+        num_segments=num_segments, out_mode=out_mode, acc_mode=acc_mode, block_r=block_r,
+        launches=launches, scale_log2=scale * LOG2E,
         cu_q=cu_seqlens_q_host.to(device=device, dtype=torch.int32),
         cu_k=cu_seqlens_k_host.to(device=device, dtype=torch.int32),
         region=key_region.to(dtype=torch.int32).contiguous(),
-        blocks=blocks_host.to(device), tile_base=tile_base, tile_rmin=tile_rmin,
+        blocks=blocks_host.to(device), block_key_tiles=visible_tiles, region_tiles=region_tiles,
+        tile_base=tile_base, tile_rmin=tile_rmin,
         tile_rmax=tile_rmax, kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
         seg_start=seg_start, seg_order=seg_order)
 
@@ -455,7 +716,7 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
         # The reduction writes every segment row; the coarse path stores every partial row,
         # the windowed path accumulates into its partials (zero-filled).
         out = torch.empty(shape, dtype=torch.float32, device=device)
-        make = torch.zeros if plan.constexprs["ACC_MODE"] == _ACC_WINDOW else torch.empty
+        make = torch.zeros if plan.acc_mode == _ACC_WINDOW else torch.empty
         target = make(plan.num_blocks, len(plan.heads), plan.num_regions, dtype=torch.float32,
                       device=device)
     else:
@@ -467,12 +728,15 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
         lse_arg, stride_lh, stride_lt = q, 0, 0
     else:
         lse_arg, stride_lh, stride_lt = lse, lse.stride(0), lse.stride(1)
-    constexprs = dict(plan.constexprs, HAS_LSE=lse is not None)
-    extra = launch_options(plan.num_warps, num_stages=plan.num_stages)
+    has_lse = lse is not None
+    constexprs, num_warps, num_stages = plan.launches[has_lse]
+    kernel = _main_kernel(plan.acc_mode, plan.block_r, has_lse)
+    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=_max_registers(constexprs))
     with device_guard(device):              # Triton launches on the current device
-        _attention_mass_kernel[(plan.num_blocks, plan.kv_tab.numel())](
+        kernel[(plan.num_blocks, plan.kv_tab.numel())](
             q, k, plan.region, lse_arg, target,
-            plan.cu_q, plan.cu_k, plan.blocks, plan.tile_base, plan.tile_rmin, plan.tile_rmax,
+            plan.cu_q, plan.cu_k, plan.blocks, plan.region_tiles, plan.tile_base, plan.tile_rmin,
+            plan.tile_rmax,
             plan.kv_tab, plan.head_tab, plan.slot_tab,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
             target.stride(0), target.stride(1),

@@ -6,7 +6,8 @@ built from the same parameter-choosing function the launcher calls), so a new ti
 cannot escape the check. For each (build, arch) this module reports registers per thread,
 shared memory per block (Triton's dynamic allocation and the cubin's static part), local memory
 (register spills), and the count of tensor-core (HMMA, HGMMA) and asynchronous-copy (LDGSTS
-cp.async, UTMALDG TMA) instructions.
+cp.async, UTMALDG TMA) instructions; builds whose key loop must be pipelined are required to
+have asynchronous copies.
 
 Usage (prints a markdown table, optionally writes JSON)::
 
@@ -44,6 +45,9 @@ class KernelBuild:
         constexprs: values of the constexpr arguments.
         num_warps, num_stages: launch options, as the launcher passes them (or Triton's defaults).
         tensor_cores: whether the kernel's products must run on tensor cores (HMMA/HGMMA).
+        maxnreg: register limit per thread given to ptxas (as the launcher passes it), or None.
+        async_copies: whether its key loop must be software-pipelined, i.e. its SASS must hold
+            asynchronous global→shared copies (LDGSTS cp.async or UTMALDG TMA).
     """
 
     name: str
@@ -54,6 +58,8 @@ class KernelBuild:
     num_warps: int
     num_stages: int
     tensor_cores: bool
+    async_copies: bool = False
+    maxnreg: int | None = None
 
     def signature(self) -> dict:
         sig = {}
@@ -112,10 +118,12 @@ def compile_and_inspect(build: KernelBuild, arch: int) -> dict:
     ``shared`` (bytes per block: Triton's dynamic allocation + static), ``name`` and ``arch``;
     a compile failure is reported as ``error`` instead of raising."""
     row = {"name": build.name, "arch": arch, "tensor_cores": build.tensor_cores,
+           "async_copies": build.async_copies,
            "num_warps": build.num_warps, "num_stages": build.num_stages}
     try:
         compiled = compile_for_target(build.kernel, build.signature(), build.constexprs, arch=arch,
-                                      num_warps=build.num_warps, num_stages=build.num_stages)
+                                      num_warps=build.num_warps, num_stages=build.num_stages,
+                                      maxnreg=build.maxnreg)
     except Exception as exc:  # a config that does not compile is what the check reports
         row["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
         return row
@@ -139,6 +147,9 @@ def problems(row: dict) -> list[str]:
         found.append(f"needs {row['shared']} bytes of shared memory, sm_{row['arch']} allows {limit}")
     if row["tensor_cores"] and row["hmma"] + row["hgmma"] == 0:
         found.append("no tensor-core instruction (HMMA/HGMMA) in its SASS")
+    if row.get("async_copies") and row["ldgsts"] + row["tma"] == 0:
+        found.append("no cp.async/TMA load (LDGSTS/UTMALDG) in its SASS: its key loop is not "
+                     "software-pipelined")
     return found
 
 
