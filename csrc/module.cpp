@@ -10,6 +10,7 @@
 #include <string>
 
 #include "ops.h"
+#include "sguf_cpu.h"
 #include "union_find.h"
 #ifdef KAWHI_WITH_CUDA
 #include "cuda_info.h"
@@ -242,4 +243,5 @@ Neighbours p, q merge iff sqrt(dmax^2 + dmin^2) / max(lam_max_p, lam_max_q, eps)
         "Compute capability of a device as major * 10 + minor (e.g. 90); RuntimeError on failure.");
 #endif
   bind_op_args(m);
+  kawhi::bind_sguf_cpu(m);
 }
