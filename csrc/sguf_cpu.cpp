@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
@@ -51,8 +52,9 @@ Workspace<T>& workspace() {
 // loop vectorises; libm's cbrt is a scalar call and took longer than the rest of the kernel.
 template <typename T>
 inline T cube_root(T y) {
-  float yf = static_cast<float>(y);
-  if (!(yf > 1e-30f)) yf = 1e-30f;  // discarded lanes (y <= eps) stay finite
+  // y >= 0; + 1e-30 keeps the discarded lanes (y = 0) finite and leaves y >= eps unchanged
+  // (a plain std::max here stops GCC from vectorising the row loop).
+  const float yf = static_cast<float>(y) + 1e-30f;
   uint32_t bits;
   std::memcpy(&bits, &yf, sizeof bits);
   bits = bits / 3u + 709921077u;
@@ -66,6 +68,21 @@ inline T cube_root(T y) {
     t = t * (t3 + 2.0 * x) / (2.0 * t3 + x);
   }
   return static_cast<T>(t);
+}
+
+// cond ? a : b by bit masks: GCC (without -ffast-math) does not vectorise a floating-point
+// select in this loop, but does vectorise the integer one; exact either way.
+template <typename T>
+inline T select_bits(bool cond, T a, T b) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U mask = U(0) - U(cond);
+  const U bits = (ua & mask) | (ub & ~mask);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
 }
 
 // out + src * wk: rounded once with FMA (as torch's vectorised add_(alpha=...) on an FMA CPU),
@@ -107,7 +124,8 @@ __attribute__((always_inline)) inline void descriptors(const uint8_t* img, int64
     }
     for (int64_t j = 0; j < wd; ++j) {
       const T y = line[j];
-      const T f = y <= eps ? T(y * kappa) + c16_116 : cube_root(y);
+      const T root = cube_root(y), linear = T(y * kappa) + c16_116;
+      const T f = select_bits(y <= eps, linear, root);
       out[j] = T(f * c116) - c16;
     }
     for (int64_t j = 0; j < r; ++j) {  // left and right reflect columns
