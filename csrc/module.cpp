@@ -11,6 +11,7 @@
 
 #include "mma_layout.h"
 #include "ops.h"
+#include "sguf_cpu.h"
 #include "union_find.h"
 #ifdef KAWHI_WITH_CUDA
 #include "cuda_info.h"
@@ -282,4 +283,5 @@ Neighbours p, q merge iff sqrt(dmax^2 + dmin^2) / max(lam_max_p, lam_max_q, eps)
 #endif
   bind_op_args(m);
   bind_mma_layout(m);
+  kawhi::bind_sguf_cpu(m);
 }

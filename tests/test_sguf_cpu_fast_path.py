@@ -1,6 +1,8 @@
 """The fast CPU descriptor path (regions/descriptors_cpu.py) against the staged torch reference
 (``patch_descriptors_reference``): the same descriptors and the same key regions on random,
-flat, saturated and structured images, awkward grids, patch sizes 28 and 32."""
+flat, saturated and structured images, awkward grids, patch sizes 28 and 32. Every test runs
+twice: through the C++ loop of ``kawhi_kernels._C`` (when the module has it) and through the
+NumPy/torch fallback of a pure wheel."""
 from __future__ import annotations
 
 import threading
@@ -23,6 +25,17 @@ from kawhi_kernels.regions.descriptors import (
 from kawhi_kernels.regions.sguf import key_regions_from_descriptors
 
 SEED = 20261202
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def descriptor_backend(request, monkeypatch):
+    """Runs the test through the C++ descriptors or, with them hidden, the NumPy fallback."""
+    if request.param == "native":
+        if descriptors_cpu._native_descriptors(torch.float32) is None:
+            pytest.skip("kawhi_kernels._C without sguf_descriptors_cpu_f32 (pure-Python install)")
+    else:
+        monkeypatch.setattr(descriptors_cpu, "_native_descriptors", lambda dtype: None)
+    return request.param
 
 
 def _image(kind: str, grid, p: int, rng: np.random.Generator) -> np.ndarray:

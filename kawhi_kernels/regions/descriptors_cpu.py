@@ -21,6 +21,13 @@ stage-by-stage reference in :mod:`.descriptors` does for clarity, while keeping 
   cost page faults that, on one core, took longer than the arithmetic. A batch is processed
   image by image, so the workspace stays the size of one image (about 5 float images).
 
+When the native module ``kawhi_kernels._C`` has ``sguf_descriptors_cpu_f32``/``_f64``
+(csrc/sguf_cpu.cpp), each image goes through that fused single-threaded C++ loop instead: the
+same arithmetic stage for stage (same tables, Gaussian taps, tap order, padding, Sobel order),
+row by row in cache, with the patch sums accumulated in float64 (torch's float32 mean rounds
+differently, so the descriptors agree to rounding, not bit for bit). Without the module (a pure
+wheel) the NumPy/torch path below runs.
+
 Images: uint8 [..., H, W, 3] on the CPU; every computation in float32 or float64.
 """
 from __future__ import annotations
@@ -31,6 +38,7 @@ import threading
 import numpy as np
 import torch
 
+from .._extension import load_extension
 from .descriptors import (
     _LAB_EPSILON,
     _LAB_KAPPA,
@@ -187,6 +195,23 @@ def _descriptors_one(pixels: np.ndarray, grid: tuple[int, int], p: int, kernel: 
     return lam_max, lam_min, _patch_mean(interior, grid, p)
 
 
+def _native_descriptors(dtype: torch.dtype):
+    """The C++ descriptor function of ``kawhi_kernels._C`` for ``dtype``, or None without it."""
+    module = load_extension()
+    name = "sguf_descriptors_cpu_f32" if dtype == torch.float32 else "sguf_descriptors_cpu_f64"
+    return getattr(module, name, None) if module is not None else None
+
+
+def _descriptors_native(native, pixels: np.ndarray, grid: tuple[int, int], p: int,
+                        kernel: list[float], dtype: torch.dtype):
+    """(lam_max, lam_min, lightness) ``dtype`` [gh*gw] of one uint8 image via the C++ loop."""
+    red_green, blue = _lookup_tables(dtype)
+    parts = native(np.ascontiguousarray(pixels), grid[0], grid[1], p,
+                   np.asarray(kernel, dtype=np.float64), red_green, blue,
+                   float(_LAB_EPSILON), float(_LAB_KAPPA))
+    return tuple(torch.from_numpy(x) for x in parts)
+
+
 def patch_descriptors_cpu(image: torch.Tensor, grid: tuple[int, int], p: int, sigma: float,
                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lam_max, lam_min, lightness), ``dtype`` [gh*gw] (or [B, gh*gw]), of a validated CPU
@@ -195,7 +220,14 @@ def patch_descriptors_cpu(image: torch.Tensor, grid: tuple[int, int], p: int, si
     workspace."""
     kernel = gaussian_kernel1d(sigma).tolist()
     pixels = image.numpy()
+    native = _native_descriptors(dtype)
+    if native is not None:
+        def one(im):
+            return _descriptors_native(native, im, grid, p, kernel, dtype)
+    else:
+        def one(im):
+            return _descriptors_one(im, grid, p, kernel, dtype)
     if pixels.ndim == 3:
-        return _descriptors_one(pixels, grid, p, kernel, dtype)
-    per_image = [_descriptors_one(im, grid, p, kernel, dtype) for im in pixels]
+        return one(pixels)
+    per_image = [one(im) for im in pixels]
     return tuple(torch.stack(parts) for parts in zip(*per_image))
