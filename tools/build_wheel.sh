@@ -102,6 +102,29 @@ input_hash() {  # everything a native wheel is made from
    echo "$1 $archs $pytag $link_flags") | sha256sum | cut -c1-16
 }
 
+install_if_changed() {  # SRC (or - for stdin) DST: write DST only when its content differs
+  local tmp
+  if [[ "$1" == - ]]; then tmp="$(mktemp)"; cat >"$tmp"; else tmp="$1"; fi
+  if ! cmp -s "$tmp" "$2"; then
+    mkdir -p "$(dirname "$2")"
+    cp "$tmp" "$2.tmp.$$" && mv "$2.tmp.$$" "$2"
+    changed_files=$((changed_files + 1))
+  fi
+  [[ "$1" == - ]] && rm -f "$tmp"
+  return 0
+}
+
+sync_dir() {  # SRC DST: make DST hold exactly SRC's files, touching only those that differ
+  local rel
+  mkdir -p "$2"
+  while IFS= read -r -d '' rel; do
+    install_if_changed "$1/$rel" "$2/$rel"
+  done < <(cd "$1" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -printf '%P\0')
+  while IFS= read -r -d '' rel; do
+    [[ -e "$1/$rel" ]] || { rm -f "$2/$rel"; changed_files=$((changed_files + 1)); }
+  done < <(cd "$2" && find . -type f -printf '%P\0')
+}
+
 build_native() {
   local major="$1" cuda_home nvcc release minor
   if [[ "$major" == 12 ]]; then
@@ -128,20 +151,23 @@ build_native() {
     log "CUDA $major: inputs unchanged (key $key): reused $(basename "$wheel_cache"/*.whl)"
     return
   fi
-  log "CUDA $major.$minor ($cuda_home), archs '$archs', $pytag"
+  log "CUDA $major.$minor ($cuda_home), archs '$archs', $pytag (key $key: building)"
+  changed_files=0
 
-  # A stable source tree per CUDA major, so the persistent CMake build dir recompiles only what
-  # changed.
-  local src="$cache/src-cu$major-$pytag" pkg="kawhi_kernels_cuda$major"
-  rm -rf "$src/csrc" "$src/$pkg" "$src/$pkg.egg-info" "$src/wh" "$src/repaired"
+  # A stable source tree per CUDA major whose files keep their timestamps unless their content
+  # changed, so the persistent CMake build dir recompiles only the sources that changed (and
+  # those including a changed header). csrc/ is mirrored whole: new files (a new .cu) are
+  # added, removed ones deleted; CMakeLists.txt globs them.
+  local src="$cache/src-cu$major-$pytag" pkg="kawhi_kernels_cuda$major" t0=$SECONDS
+  rm -rf "$src/$pkg.egg-info" "$src/wh" "$src/repaired"
   mkdir -p "$src/$pkg"
-  cp -r "$here/csrc" "$src/csrc"
-  cp "$here/CMakeLists.txt" "$src/"
-  cp "$here/setup.py" "$src/kawhi_build.py"
-  cp "$here/tools/native_dist/setup.py" "$src/setup.py"
+  sync_dir "$here/csrc" "$src/csrc"
+  install_if_changed "$here/CMakeLists.txt" "$src/CMakeLists.txt"
+  install_if_changed "$here/setup.py" "$src/kawhi_build.py"
+  install_if_changed "$here/tools/native_dist/setup.py" "$src/setup.py"
   local subst=(-e "s/@MAJOR@/$major/g" -e "s/@MINOR@/$minor/g" -e "s/@VERSION@/$version/g")
-  sed "${subst[@]}" "$here/tools/native_dist/pyproject.toml.in" >"$src/pyproject.toml"
-  sed "${subst[@]}" "$here/tools/native_dist/__init__.py.in" >"$src/$pkg/__init__.py"
+  sed "${subst[@]}" "$here/tools/native_dist/pyproject.toml.in" | install_if_changed - "$src/pyproject.toml"
+  sed "${subst[@]}" "$here/tools/native_dist/__init__.py.in" | install_if_changed - "$src/$pkg/__init__.py"
 
   # Linker flags of the module ($KAWHI_WHEEL_LINK_FLAGS; see "manylinux tag" in README).
   (export CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$venv/bin:$PATH" \
@@ -150,6 +176,7 @@ build_native() {
           KAWHI_CMAKE_ARGS="-DCMAKE_MODULE_LINKER_FLAGS=${link_flags// /\\ }"
    unset CUDACXX KAWHI_LOCAL_VERSION KAWHI_PURE
    "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2)
+  log "CUDA $major: $changed_files file(s) of the build tree changed; compiled and linked in $((SECONDS - t0)) s"
   local wheel
   wheel="$(ls "$src"/wh/${pkg}-"$version"-"$pytag"-*.whl)"
 

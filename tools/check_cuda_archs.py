@@ -6,8 +6,8 @@ an architecture of ``--archs`` has no ELF (SASS) image, or, with ``--check-deps`
 module links libtorch/libc10 or a dynamic CUDA runtime. Prints a one-line summary per check.
 
 cuobjdump is looked up in this order: ``--cuobjdump``, ``$CUDA_HOME/bin``, ``PATH``, then the
-``nvidia/cu*/bin`` folders of the running Python's site-packages (PyPI package
-``nvidia-cuda-cuobjdump``).
+``nvidia/cu*/bin`` folders of the running Python's site-packages and other ``sys.path`` entries
+(PyPI package ``nvidia-cuda-cuobjdump``).
 
 Usage:
     python tools/check_cuda_archs.py path/to/_C.so --archs "80;86;89;90" [--check-deps]
@@ -62,9 +62,11 @@ def find_cuobjdump(explicit: str | None = None) -> str | None:
     found = shutil.which("cuobjdump")
     if found:
         return found
-    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-             *getattr(site, "getsitepackages", lambda: [])()}
-    for root in sorted(roots):
+    # site-packages first, then the rest of sys.path (directories a .pth file added, e.g. the
+    # dependency layer of tools/check_wheels.sh)
+    roots = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+             *getattr(site, "getsitepackages", lambda: [])(), *(p for p in sys.path if p)]
+    for root in dict.fromkeys(roots):
         for candidate in sorted(Path(root).glob("nvidia/cu*/bin/cuobjdump")):
             return str(candidate)
     return None

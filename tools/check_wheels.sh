@@ -7,15 +7,27 @@
 # installed module, the CUDA host-side tests, and a fast selection of the torch and
 # Triton-interpreter tests, from a copy of tests/ outside the source tree (so the tree's
 # kawhi_kernels is not what gets imported). The first venv checks the pure wheel alone first (no
-# native module; info says none is installed) and then adds its companion. On a machine with a GPU the GPU tests of
-# tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
+# native module; info says none is installed) and then adds its companion. On a machine with a
+# GPU the GPU tests of tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
+#
+# The heavy third-party requirements (torch CPU, Triton, transformers, scipy, scikit-image, ...)
+# are installed once into a cached dependency layer, $CACHE/deps-<python>-<key>/site (pip
+# --target; the key hashes the requirement list, the Python and the pip constraints), which each
+# fresh venv reaches through one .pth file. The venvs themselves are new every run: pip must
+# resolve kawhi-kernels[cudaNN]'s requirements against what it sees there (it would fail, not
+# download, with --no-index), and the check fails unless the only distributions pip put into the
+# venv are kawhi-kernels and the companion (nothing of the layer replaced or shadowed).
 #
 # Usage: tools/check_wheels.sh [--dist DIR] [--python PYTHON] [--archs "80;86;89;90"]
-#                              [--torch SPEC] [--work DIR] [--keep]
-#   --dist    where tools/build_wheel.sh wrote the wheels (default: dist/)
-#   --python  interpreter for the venvs (its tag must match the native wheels; default python3)
-#   --torch   torch requirement (default: torch==2.13.0)
-#   --work    where the venvs go (default: a temporary dir, removed unless --keep)
+#                              [--torch SPEC] [--work DIR] [--keep] [--cache DIR] [--deps-only]
+#   --dist       where tools/build_wheel.sh wrote the wheels (default: dist/)
+#   --python     interpreter for the venvs (its tag must match the native wheels; default python3)
+#   --torch      torch requirement (default: torch==2.13.0)
+#   --work       where the venvs go (default: a temporary dir, removed unless --keep)
+#   --cache      where the dependency layer lives (default: $KAWHI_TOOLCHAIN_CACHE, else
+#                ~/.cache/kawhi-toolchains)
+#   --deps-only  only make sure the dependency layer exists (tools/ci_wheels.sh runs this in the
+#                background while the native wheels compile), then exit
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,6 +37,8 @@ archs="${KAWHI_CUDA_ARCHS:-80;86;89;90}"
 torch_spec="torch==2.13.0"
 work=""
 keep=0
+cache="${KAWHI_TOOLCHAIN_CACHE:-$HOME/.cache/kawhi-toolchains}"
+deps_only=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dist) dist="$2"; shift 2 ;;
@@ -33,11 +47,50 @@ while [[ $# -gt 0 ]]; do
     --torch) torch_spec="$2"; shift 2 ;;
     --work) work="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --cache) cache="$2"; shift 2 ;;
+    --deps-only) deps_only=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "check_wheels.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 log() { echo "check_wheels.sh: $*" >&2; }
+
+quiet_pip() {  # pip's warnings about absent local index folders are noise here
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
+# ---------------------------------------------------------------- the dependency layer (cached)
+# What the tests need besides kawhi-kernels itself: the package's runtime requirements and the
+# test tools (the test extra's build tools pybind11/cmake are left out: the venvs get none).
+requirements=("$torch_spec" "triton>=3.6,<3.10" "transformers>=5.5.3,!=5.6.0" numpy tqdm pillow
+              matplotlib pytest scipy scikit-image "nvidia-cuda-cuobjdump>=13,<14")
+pyver="$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+deps_key="$( { printf '%s\n' "${requirements[@]}"; "$python" -VV; "$python" -m pip --version | cut -d' ' -f1-2
+               cat /etc/xdg/pip/constraints.txt /etc/pip.conf 2>/dev/null || true; } | sha256sum | cut -c1-16)"
+deps="$cache/deps-$pyver-$deps_key"
+
+ensure_deps_layer() {
+  [[ -f "$deps/.complete" ]] && return 0
+  mkdir -p "$cache"
+  exec 9>"$cache/.deps-$pyver.lock"
+  flock 9                                     # another run may be filling the same layer
+  if [[ -f "$deps/.complete" ]]; then exec 9>&-; return 0; fi
+  local t0=$SECONDS partial="$deps.partial"
+  log "dependency layer $deps: pip install --target (once per requirement set)"
+  rm -rf "$partial"
+  quiet_pip "$python" -m pip install -q --no-warn-script-location --target "$partial/site" \
+    "${requirements[@]}" >&2
+  printf '%s\n' "${requirements[@]}" >"$partial/requirements.txt"
+  touch "$partial/.complete"
+  rm -rf "$deps" && mv "$partial" "$deps"
+  # Older layers (another requirement set) are not reused: drop them.
+  find "$cache" -maxdepth 1 -name "deps-$pyver-*" ! -name "$(basename "$deps")" -exec rm -rf {} +
+  exec 9>&-
+  log "dependency layer ready in $((SECONDS - t0)) s"
+}
+ensure_deps_layer
+[[ $deps_only == 1 ]] && { log "dependency layer: $deps"; exit 0; }
+
 dist="$(cd "$dist" && pwd)"
 version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/kawhi_kernels/__init__.py")"
 compgen -G "$dist/kawhi_kernels-$version-py3-none-any.whl" >/dev/null \
@@ -87,31 +140,46 @@ in_venv() {  # run "$@" in venv $1 with the build-tool-free PATH
       PATH="$venv/bin:$tools" VIRTUAL_ENV="$venv" "$@"
 }
 
-quiet_pip() {  # pip's warnings about absent local index folders are noise here
-  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
-
-make_venv() {  # fresh venv with torch, Triton and the test requirements (from the index)
+make_venv() {  # a fresh venv (pip only) that sees the dependency layer through a .pth file
   local venv="$1"
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  quiet_pip "$venv/bin/python" -m pip install -q "$torch_spec" "triton>=3.6,<3.10" "transformers>=5.5.3,!=5.6.0" \
-    numpy tqdm pillow matplotlib pytest scipy scikit-image "nvidia-cuda-cuobjdump>=13,<14" >&2
+  local site
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$deps/site" >"$site/kawhi-check-deps.pth"
+  # The layer is on sys.path after the venv's own site-packages: what pip installs wins.
+  in_venv "$venv" python -c "import torch, triton, transformers, scipy, skimage, pytest; print('  layer: torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >&2
+}
+
+own_distributions() {  # distributions installed into the venv itself (not the layer), sorted
+  in_venv "$1" python - <<'PY'
+import importlib.metadata as md, sysconfig
+site = sysconfig.get_paths()["purelib"]
+names = {d.metadata["Name"].lower().replace("_", "-") for d in md.distributions(path=[site])}
+print(" ".join(sorted(names - {"pip", "setuptools", "wheel"})))
+PY
 }
 
 status=0
 check_one() {  # $1: the CUDA major of a companion, "" for the pure wheel alone; $2: the venv
-  local major="$1" venv="$2" name extra=""
+  local major="$1" venv="$2" name extra="" want="kawhi-kernels"
   name="${major:+cuda$major}"; name="${name:-pure}"
   local t0=$SECONDS
-  [[ -n "$major" ]] && extra="[cuda$major]"
-  # The extra must resolve the companion from the wheel dir: no index for kawhi-kernels itself.
+  [[ -n "$major" ]] && { extra="[cuda$major]"; want="kawhi-kernels kawhi-kernels-cuda$major"; }
+  # The extra must resolve the companion from the wheel dir: no index for kawhi-kernels itself,
+  # and none for its requirements either (the layer must satisfy them).
   quiet_pip in_venv "$venv" python -m pip install -q --no-index --find-links "$dist" \
     "kawhi-kernels${extra}==$version" >&2
   in_venv "$venv" python -m pip check >&2
+  local own
+  own="$(own_distributions "$venv")"
+  [[ "$own" == "$want" ]] || { log "[$name] pip installed '$own' into the venv, expected '$want'"; return 1; }
   local info
   info="$(cd "$tests" && in_venv "$venv" kawhi-kernels info)"
   echo "$info" | sed "s/^/  [$name] /" >&2
+  local where
+  where="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels; print(kawhi_kernels.__file__)")"
+  [[ "$where" == "$venv"/* ]] || { log "[$name] kawhi_kernels imported from $where, not the venv"; return 1; }
   if [[ -z "$major" ]]; then
     echo "$info" | grep -q '^native build  none loaded' || { log "[pure] info shows a native build"; return 1; }
     echo "$info" | grep -q 'kawhi-kernels-cuda13 *not installed' || { log "[pure] info does not say why"; return 1; }
@@ -122,6 +190,7 @@ check_one() {  # $1: the CUDA major of a companion, "" for the pure wheel alone;
       || { log "[$name] info does not name kawhi-kernels-cuda$major as the loaded native build"; return 1; }
     local so
     so="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels_cuda$major._C as m; print(m.__file__)")"
+    [[ "$so" == "$venv"/* ]] || { log "[$name] the native module is $so, not the venv's"; return 1; }
     in_venv "$venv" python "$tests/tools/check_cuda_archs.py" "$so" --archs "$archs" --check-deps >&2 || return 1
     (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider -m "not slow" \
        "${fast_tests[@]}") >&2 || return 1
@@ -141,7 +210,7 @@ for whl in "${natives[@]}"; do
   t0=$SECONDS
   log "[cuda$major] fresh venv $venv"
   make_venv "$venv"
-  log "[cuda$major] venv with torch, Triton, test requirements: $((SECONDS - t0)) s"
+  log "[cuda$major] venv ready: $((SECONDS - t0)) s"
   if [[ $first == 1 ]]; then
     check_one "" "$venv" || { log "[pure] FAILED"; status=1; }
     first=0

@@ -13,18 +13,23 @@
 #     (runtime headers), nvidia-cuda-cccl-cu12==12.6.77 (libcu++/CUB/Thrust with nv/target,
 #     which the 12.4 cccl wheels lack).
 #
-# Usage: tools/cuda12_toolchain.sh [--cache DIR] [--python PYTHON]
+# Usage: tools/cuda12_toolchain.sh [--cache DIR] [--python PYTHON] [--mirror URL]
 #   --cache   default: $KAWHI_TOOLCHAIN_CACHE, else ~/.cache/kawhi-toolchains
 #   --python  interpreter whose pip downloads the wheels (default: python3)
+#   --mirror  the Debian archive (default: $KAWHI_DEBIAN_MIRROR, else http://deb.debian.org/debian);
+#             only used while the prefix is not cached. An unreachable mirror or one without
+#             the packages fails here, naming the mirror, before anything is downloaded.
 set -euo pipefail
 
 cache="${KAWHI_TOOLCHAIN_CACHE:-$HOME/.cache/kawhi-toolchains}"
 python="python3"
+mirror="${KAWHI_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cache) cache="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --mirror) mirror="$2"; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "cuda12_toolchain.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -41,8 +46,9 @@ log() { echo "cuda12_toolchain.sh: $*" >&2; }
 # ---------------------------------------------------------------- Debian packages
 apt_dir="$cache/apt-trixie"
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/debs"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie non-free" \
-  >"$apt_dir/sources.list"
+mirror="${mirror%/}"
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+echo "deb [signed-by=$keyring] $mirror trixie non-free" >"$apt_dir/sources.list"
 apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
           -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::Archives=$apt_dir/archives"
           -o "APT::Sandbox::User=root")
@@ -52,12 +58,31 @@ missing=()
 for pkg in "${want[@]}"; do
   [[ -n "$(deb_of "$pkg")" ]] || missing+=("$pkg")
 done
+fail_mirror() {
+  log "ERROR: $*"
+  log "the CUDA 12.4 toolchain comes from Debian trixie non-free at $mirror; set"
+  log "KAWHI_DEBIAN_MIRROR (or --mirror) to a reachable Debian mirror, or put a complete prefix"
+  log "at $prefix (see the header of this script)"
+  exit 1
+}
 if [[ ${#missing[@]} -gt 0 ]]; then
-  log "apt-get update (private lists: Debian trixie non-free)"
-  apt-get "${apt_opts[@]}" -qq update >&2 || {
-    log "cannot read the Debian trixie non-free package lists (network or archive key?)"; exit 1; }
+  command -v apt-get >/dev/null || fail_mirror "apt-get is not installed (a Debian/Ubuntu machine is needed)"
+  [[ -f "$keyring" ]] || fail_mirror "no Debian archive keyring at $keyring (apt-get install debian-archive-keyring)"
+  # apt-get update only warns about an unreachable source and exits 0: probe the mirror first.
+  release_url="$mirror/dists/trixie/InRelease"
+  if command -v curl >/dev/null; then
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 "$release_url")" \
+      || fail_mirror "cannot reach $release_url (curl exit status $?: no network, DNS or proxy?)"
+    [[ "$code" == 200 ]] || fail_mirror "$release_url answered HTTP $code"
+  fi
+  log "apt-get update (private lists: Debian trixie non-free at $mirror)"
+  rm -f "$apt_dir"/lists/*_Packages* 2>/dev/null || true
+  apt-get "${apt_opts[@]}" -qq update >&2 || fail_mirror "apt-get update failed"
+  compgen -G "$apt_dir/lists/*trixie_non-free_binary-amd64_Packages*" >/dev/null \
+    || fail_mirror "apt-get update read no trixie non-free package list"
   log "apt-get download ${missing[*]} (about 1 GB, once)"
-  (cd "$apt_dir/debs" && apt-get "${apt_opts[@]}" -qq download "${missing[@]}" >&2)
+  (cd "$apt_dir/debs" && apt-get "${apt_opts[@]}" -qq download "${missing[@]}" >&2) \
+    || fail_mirror "apt-get download ${missing[*]} failed"
 fi
 toolkit_deb="$(deb_of "${want[0]}")"
 dev_deb="$(deb_of "${want[1]}")"
