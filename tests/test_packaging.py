@@ -3,6 +3,7 @@ companion, says why a candidate was not taken, and the companion metadata a buil
 what an index accepts (no local version label) and what the extras pin."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -162,3 +163,77 @@ def test_pure_build_has_no_extension_modules():
     res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "1"]
+
+
+# ---------------------------------------------------------------- the wheel scripts (CI leg 6)
+
+CI_WHEELS_COMMAND = "timeout 2400 bash tools/ci_wheels.sh --python python3 --out .ci-wheels"
+
+
+def test_ci_runs_the_wheel_leg():
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert CI_WHEELS_COMMAND in commands
+
+
+def test_ci_wheels_script_arguments_and_steps():
+    script = ROOT / "tools" / "ci_wheels.sh"
+    res = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown argument '--bogus'" in res.stderr
+    text = script.read_text()
+    steps = re.findall(r"^step (\w+) ", text, re.M)
+    assert steps == ["pure", "cuda13", "cuda12", "check"]
+    res = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "Usage: tools/ci_wheels.sh" in res.stdout
+    assert all(re.search(rf"^#   {s} +tools/", res.stdout, re.M) for s in steps), res.stdout
+
+
+def test_check_wheels_script_arguments():
+    script = ROOT / "tools" / "check_wheels.sh"
+    res = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown argument '--bogus'" in res.stderr
+    res = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--deps-only" in res.stdout and ".pth" in res.stdout
+
+
+def test_cuda12_toolchain_names_the_mirror_when_it_is_unreachable(tmp_path):
+    # Port 9 (discard) on the loopback: refused at once, nothing is downloaded.
+    env = {**os.environ, "KAWHI_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
+    res = subprocess.run(["bash", str(ROOT / "tools" / "cuda12_toolchain.sh"), "--cache",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert "ERROR:" in res.stderr and "http://127.0.0.1:9/debian" in res.stderr
+    assert "KAWHI_DEBIAN_MIRROR" in res.stderr
+    assert not (tmp_path / "cuda-12.4").exists()
+
+
+def _sync(src: Path, dst: Path) -> int:
+    res = subprocess.run(["bash", str(ROOT / "tools" / "sync_tree.sh"), str(src), str(dst)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout)
+
+
+def test_sync_tree_rewrites_only_changed_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    for name, text in {"a.cu": "a", "b.cpp": "b", "sub/c.h": "c"}.items():
+        (src / name).write_text(text)
+    assert _sync(src, dst) == 3
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "a.cu", "b.cpp", "sub/c.h"]
+    old = 1_000_000_000
+    for p in dst.rglob("*"):
+        os.utime(p, (old, old))
+    assert _sync(src, dst) == 0  # nothing changed: no file is touched
+    assert all(p.stat().st_mtime == old for p in dst.rglob("*") if p.is_file())
+
+    (src / "a.cu").write_text("a2")              # changed
+    (src / "sub" / "c.h").unlink()               # removed
+    (src / "new_kernel.cu").write_text("n")      # added (a new csrc/*.cu)
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "x.pyc").write_text("junk")  # never mirrored
+    assert _sync(src, dst) == 3
+    assert (dst / "a.cu").read_text() == "a2" and (dst / "new_kernel.cu").read_text() == "n"
+    assert not (dst / "sub").exists() and not (dst / "__pycache__").exists()
+    assert (dst / "b.cpp").stat().st_mtime == old  # untouched: make will not recompile it

@@ -98,32 +98,11 @@ fi
 # ---------------------------------------------------------------- native companion wheels
 input_hash() {  # everything a native wheel is made from
   (cd "$here" && find csrc tools/native_dist -type f -print0 | sort -z | xargs -0 sha256sum
-   sha256sum CMakeLists.txt setup.py tools/build_wheel.sh tools/cuda12_toolchain.sh kawhi_kernels/__init__.py
+   sha256sum CMakeLists.txt setup.py tools/build_wheel.sh tools/sync_tree.sh tools/cuda12_toolchain.sh kawhi_kernels/__init__.py
    echo "$1 $archs $pytag $link_flags") | sha256sum | cut -c1-16
 }
 
-install_if_changed() {  # SRC (or - for stdin) DST: write DST only when its content differs
-  local tmp
-  if [[ "$1" == - ]]; then tmp="$(mktemp)"; cat >"$tmp"; else tmp="$1"; fi
-  if ! cmp -s "$tmp" "$2"; then
-    mkdir -p "$(dirname "$2")"
-    cp "$tmp" "$2.tmp.$$" && mv "$2.tmp.$$" "$2"
-    changed_files=$((changed_files + 1))
-  fi
-  [[ "$1" == - ]] && rm -f "$tmp"
-  return 0
-}
-
-sync_dir() {  # SRC DST: make DST hold exactly SRC's files, touching only those that differ
-  local rel
-  mkdir -p "$2"
-  while IFS= read -r -d '' rel; do
-    install_if_changed "$1/$rel" "$2/$rel"
-  done < <(cd "$1" && find . -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -printf '%P\0')
-  while IFS= read -r -d '' rel; do
-    [[ -e "$1/$rel" ]] || { rm -f "$2/$rel"; changed_files=$((changed_files + 1)); }
-  done < <(cd "$2" && find . -type f -printf '%P\0')
-}
+source "$here/tools/sync_tree.sh"   # install_if_changed, sync_dir
 
 build_native() {
   local major="$1" cuda_home nvcc release minor

@@ -4,11 +4,11 @@
 # pure wheel plus that companion, resolved through the extra), then with no build tools on PATH
 # (no nvcc, cmake, ninja, cc/c++/gcc/g++, CUDA_HOME unset) run: the import, `kawhi-kernels info`
 # (it must name the companion as the loaded native build), the SASS/dependency check on the
-# installed module, the CUDA host-side tests, and a fast selection of the torch and
-# Triton-interpreter tests, from a copy of tests/ outside the source tree (so the tree's
-# kawhi_kernels is not what gets imported). The first venv checks the pure wheel alone first (no
-# native module; info says none is installed) and then adds its companion. On a machine with a
-# GPU the GPU tests of tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
+# installed module and the CUDA host-side tests, from a copy of tests/ outside the source tree (so
+# the tree's kawhi_kernels is not what gets imported). The first venv checks the pure wheel alone
+# first (no native module; info says none is installed; the torch and Triton-interpreter tests)
+# and then adds its companion. On a machine with a GPU the GPU tests of
+# tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
 #
 # The heavy third-party requirements (torch CPU, Triton, transformers, scipy, scikit-image, ...)
 # are installed once into a cached dependency layer, $CACHE/deps-<python>-<key>/site (pip
@@ -62,8 +62,11 @@ quiet_pip() {  # pip's warnings about absent local index folders are noise here
 # ---------------------------------------------------------------- the dependency layer (cached)
 # What the tests need besides kawhi-kernels itself: the package's runtime requirements and the
 # test tools (the test extra's build tools pybind11/cmake are left out: the venvs get none).
+# pip is there too: the venvs are made --without-pip and install the wheels with the layer's pip
+# (no ensurepip per venv, and no setuptools in the venv: it is a build tool, and an old one
+# would shadow the layer's, which torch requires).
 requirements=("$torch_spec" "triton>=3.6,<3.10" "transformers>=5.5.3,!=5.6.0" numpy tqdm pillow
-              matplotlib pytest scipy scikit-image "nvidia-cuda-cuobjdump>=13,<14")
+              matplotlib pytest scipy scikit-image "nvidia-cuda-cuobjdump>=13,<14" "pip>=23")
 pyver="$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 deps_key="$( { printf '%s\n' "${requirements[@]}"; "$python" -VV; "$python" -m pip --version | cut -d' ' -f1-2
                cat /etc/xdg/pip/constraints.txt /etc/pip.conf 2>/dev/null || true; } | sha256sum | cut -c1-16)"
@@ -78,8 +81,10 @@ ensure_deps_layer() {
   local t0=$SECONDS partial="$deps.partial"
   log "dependency layer $deps: pip install --target (once per requirement set)"
   rm -rf "$partial"
-  quiet_pip "$python" -m pip install -q --no-warn-script-location --target "$partial/site" \
-    "${requirements[@]}" >&2
+  # --target ignores what the interpreter has installed; its conflict report about that
+  # unrelated environment is noise.
+  PIP_ROOT_USER_ACTION=ignore quiet_pip "$python" -m pip install -q --no-warn-script-location \
+    --no-warn-conflicts --target "$partial/site" "${requirements[@]}" >&2
   printf '%s\n' "${requirements[@]}" >"$partial/requirements.txt"
   touch "$partial/.complete"
   rm -rf "$deps" && mv "$partial" "$deps"
@@ -121,18 +126,33 @@ cp -r "$here/tests" "$tests/tests"
 cp "$here/tools/check_cuda_archs.py" "$tests/tools/"
 find "$tests" -name '__pycache__' -prune -exec rm -rf {} +
 
-fast_tests=(
+# The markers (gpu, slow) of the project's pytest configuration, without the rest of pyproject.toml.
+sed -n '/^\[tool\.pytest\.ini_options\]/,/^\[/p' "$here/pyproject.toml" | sed '$ { /^\[/d }' \
+  >"$tests/pyproject.toml"
+grep -q '^markers' "$tests/pyproject.toml" || { log "no pytest markers in pyproject.toml"; exit 1; }
+
+# The pure wheel's backends (torch, Triton interpreter): they do not depend on the companion and
+# run once, in the first venv, with the pure wheel alone.
+backend_tests=(
+  tests/test_reference_ops.py
+  tests/test_triton_attention_mass.py
+  tests/test_triton_cosine_alignment.py
+  tests/test_cli.py
+)
+# What each companion brings (the native module): CUDA host-side tests, the module's build
+# facts, the C++ union-find; test_cli again for `info` with the companion loaded.
+native_tests=(
   tests/test_cuda_backend.py
   "tests/test_build.py::test_extension_imports_and_exposes_api"
   "tests/test_build.py::test_build_info_is_consistent"
   "tests/test_build.py::test_shared_object_does_not_link_torch_or_dynamic_cudart"
   "tests/test_build.py::test_check_cuda_archs_dependency_check_on_the_built_module"
-  tests/test_reference_ops.py
   tests/test_union_find.py
-  tests/test_triton_attention_mass.py
-  tests/test_triton_cosine_alignment.py
   tests/test_cli.py
 )
+# Source-tree checks, not installed-wheel ones: this one parses kawhi_kernels/cuda/*.py next to
+# tests/ (the in-tree suite runs it).
+not_here=(--deselect "tests/test_cuda_backend.py::test_python_wrappers_and_the_cpp_field_table_agree")
 
 in_venv() {  # run "$@" in venv $1 with the build-tool-free PATH
   local venv="$1"; shift
@@ -140,15 +160,16 @@ in_venv() {  # run "$@" in venv $1 with the build-tool-free PATH
       PATH="$venv/bin:$tools" VIRTUAL_ENV="$venv" "$@"
 }
 
-make_venv() {  # a fresh venv (pip only) that sees the dependency layer through a .pth file
+make_venv() {  # a fresh, empty venv that sees the dependency layer through a .pth file
   local venv="$1"
   rm -rf "$venv"
-  "$python" -m venv "$venv"
+  "$python" -m venv --without-pip "$venv" || return 1
   local site
-  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+  [[ -z "$(ls -A "$site")" ]] || { log "$site is not empty"; return 1; }
   echo "$deps/site" >"$site/kawhi-check-deps.pth"
   # The layer is on sys.path after the venv's own site-packages: what pip installs wins.
-  in_venv "$venv" python -c "import torch, triton, transformers, scipy, skimage, pytest; print('  layer: torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >&2
+  in_venv "$venv" python -c "import pip, torch, triton, transformers, scipy, skimage, pytest; print('  layer: torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'pip', pip.__version__)" >&2
 }
 
 own_distributions() {  # distributions installed into the venv itself (not the layer), sorted
@@ -168,32 +189,34 @@ check_one() {  # $1: the CUDA major of a companion, "" for the pure wheel alone;
   [[ -n "$major" ]] && { extra="[cuda$major]"; want="kawhi-kernels kawhi-kernels-cuda$major"; }
   # The extra must resolve the companion from the wheel dir: no index for kawhi-kernels itself,
   # and none for its requirements either (the layer must satisfy them).
+  # (check_one runs under `||`, where set -e is off: every step checks its own status.)
   quiet_pip in_venv "$venv" python -m pip install -q --no-index --find-links "$dist" \
-    "kawhi-kernels${extra}==$version" >&2
-  in_venv "$venv" python -m pip check >&2
+    "kawhi-kernels${extra}==$version" >&2 || { log "[$name] pip install failed"; return 1; }
+  in_venv "$venv" python -m pip check >&2 || { log "[$name] pip check failed"; return 1; }
   local own
-  own="$(own_distributions "$venv")"
+  own="$(own_distributions "$venv")" || return 1
   [[ "$own" == "$want" ]] || { log "[$name] pip installed '$own' into the venv, expected '$want'"; return 1; }
+  log "[$name] installed into the venv: $own (every other requirement from the layer)"
   local info
-  info="$(cd "$tests" && in_venv "$venv" kawhi-kernels info)"
+  info="$(cd "$tests" && in_venv "$venv" kawhi-kernels info)" || { log "[$name] kawhi-kernels info failed"; return 1; }
   echo "$info" | sed "s/^/  [$name] /" >&2
   local where
-  where="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels; print(kawhi_kernels.__file__)")"
+  where="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels; print(kawhi_kernels.__file__)")" || return 1
   [[ "$where" == "$venv"/* ]] || { log "[$name] kawhi_kernels imported from $where, not the venv"; return 1; }
   if [[ -z "$major" ]]; then
     echo "$info" | grep -q '^native build  none loaded' || { log "[pure] info shows a native build"; return 1; }
     echo "$info" | grep -q 'kawhi-kernels-cuda13 *not installed' || { log "[pure] info does not say why"; return 1; }
-    (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider \
-       tests/test_reference_ops.py tests/test_cli.py) >&2 || return 1
+    (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider -m "not slow" \
+       --durations=5 "${backend_tests[@]}") >&2 || return 1
   else
     echo "$info" | grep -q "^native build  kawhi-kernels-cuda$major: kawhi_kernels_cuda$major._C, CUDA $major\." \
       || { log "[$name] info does not name kawhi-kernels-cuda$major as the loaded native build"; return 1; }
     local so
-    so="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels_cuda$major._C as m; print(m.__file__)")"
+    so="$(cd "$tests" && in_venv "$venv" python -c "import kawhi_kernels_cuda$major._C as m; print(m.__file__)")" || return 1
     [[ "$so" == "$venv"/* ]] || { log "[$name] the native module is $so, not the venv's"; return 1; }
     in_venv "$venv" python "$tests/tools/check_cuda_archs.py" "$so" --archs "$archs" --check-deps >&2 || return 1
     (cd "$tests" && in_venv "$venv" python -m pytest -q -p no:cacheprovider -m "not slow" \
-       "${fast_tests[@]}") >&2 || return 1
+       --durations=5 "${not_here[@]}" "${native_tests[@]}") >&2 || return 1
   fi
   log "[$name] passed in $((SECONDS - t0)) s"
 }
@@ -209,7 +232,7 @@ for whl in "${natives[@]}"; do
   venv="$work/venv-cuda$major"
   t0=$SECONDS
   log "[cuda$major] fresh venv $venv"
-  make_venv "$venv"
+  make_venv "$venv" || { log "[cuda$major] could not make the venv"; status=1; continue; }
   log "[cuda$major] venv ready: $((SECONDS - t0)) s"
   if [[ $first == 1 ]]; then
     check_one "" "$venv" || { log "[pure] FAILED"; status=1; }

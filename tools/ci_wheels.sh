@@ -87,7 +87,11 @@ deps_pid=""
 deps_log="$out/deps-layer.log"
 if [[ $overlap == 1 ]]; then
   deps_t0=$SECONDS
-  setsid "${check[@]}" --deps-only >"$deps_log" 2>&1 &
+  deps_time="$out/.deps-layer.seconds"
+  rm -f "$deps_time"
+  # its own session, so that a failed step can stop it and what it started (kill -- -PID)
+  setsid bash -c 't0=$SECONDS; "${@:2}"; rc=$?; echo $((SECONDS - t0)) >"$1"; exit $rc' \
+    deps "$deps_time" "${check[@]}" --deps-only >"$deps_log" 2>&1 &
   deps_pid=$!
 fi
 
@@ -100,8 +104,9 @@ if [[ -n "$deps_pid" ]]; then
   wait "$deps_pid" || rc=$?
   deps_pid=""
   grep -v "is ignored: it is neither" "$deps_log" >&2 || true
-  names+=("deps (background)"); secs+=($((SECONDS - deps_t0)))
+  names+=("deps (background)"); secs+=("$(cat "$deps_time" 2>/dev/null || echo $((SECONDS - deps_t0)))")
   names+=("  waited for it"); secs+=($((SECONDS - t0)))
+  rm -f "$deps_time"
   [[ $rc == 0 ]] || { log "the dependency layer FAILED (exit $rc; $deps_log)"; exit "$rc"; }
 fi
 step check "${check[@]}"
