@@ -26,7 +26,9 @@
 #   --cache      toolchains, build venvs, build dirs and built wheels (default:
 #                $KAWHI_TOOLCHAIN_CACHE, else ~/.cache/kawhi-toolchains). A native wheel whose
 #                inputs (csrc/, CMakeLists.txt, setup.py, tools/native_dist/, this script, the
-#                toolchain, archs, Python) hash to a cached one is reused, not rebuilt.
+#                toolchain, archs, Python) hash to a cached one is reused, not rebuilt; otherwise
+#                only changed sources are recompiled (tools/sync_tree.sh). The pure wheel is
+#                cached on the hash of the files it is built from.
 #   --cuda-home  the CUDA 13 toolkit (default: $CUDA_HOME, else nvcc on PATH); CUDA 12.4 is
 #                always assembled by tools/cuda12_toolchain.sh
 set -euo pipefail
@@ -52,7 +54,7 @@ while [[ $# -gt 0 ]]; do
     --jobs) jobs="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --cuda-home) cuda13_home="$2"; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "build_wheel.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,12 +89,23 @@ if [[ $pure == 1 ]]; then
   src="$(mktemp -d /tmp/kawhi-pure-src.XXXXXX)"
   tar -C "$here" --exclude='__pycache__' --exclude='*.so' --exclude='*.pyc' \
       -cf - pyproject.toml setup.py CMakeLists.txt README.md csrc kawhi_kernels | tar -C "$src" -xf -
-  KAWHI_PURE=1 "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2
-  wheel="$(ls "$src"/wh/kawhi_kernels-"$version"-py3-none-any.whl)"
-  if "$vpy" -m zipfile -l "$wheel" | grep -q '\.so'; then log "$wheel holds a shared object"; exit 1; fi
-  cp "$wheel" "$out/"
+  # Cached on the hash of exactly these files (and of this script).
+  pure_key="$( (cd "$src" && find . -type f -print0 | sort -z | xargs -0 sha256sum
+                sha256sum "$here/tools/build_wheel.sh" | cut -d' ' -f1) | sha256sum | cut -c1-16)"
+  pure_cache="$cache/wheels/pure-$pure_key"
+  if compgen -G "$pure_cache/kawhi_kernels-$version-py3-none-any.whl" >/dev/null; then
+    cp "$pure_cache"/kawhi_kernels-"$version"-py3-none-any.whl "$out/"
+    log "pure wheel: inputs unchanged (key $pure_key): reused"
+  else
+    KAWHI_PURE=1 "$vpy" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$src/wh" "$src" >&2
+    wheel="$(ls "$src"/wh/kawhi_kernels-"$version"-py3-none-any.whl)"
+    if "$vpy" -m zipfile -l "$wheel" | grep -q '\.so'; then log "$wheel holds a shared object"; exit 1; fi
+    rm -rf "$cache"/wheels/pure-* && mkdir -p "$pure_cache"
+    cp "$wheel" "$pure_cache/"
+    cp "$wheel" "$out/"
+    log "wrote $out/$(basename "$wheel") (key $pure_key)"
+  fi
   rm -rf "$src"
-  log "wrote $out/$(basename "$wheel")"
 fi
 
 # ---------------------------------------------------------------- native companion wheels

@@ -20,6 +20,7 @@
 #
 # Usage: tools/check_wheels.sh [--dist DIR] [--python PYTHON] [--archs "80;86;89;90"]
 #                              [--torch SPEC] [--work DIR] [--keep] [--cache DIR] [--deps-only]
+#                              [--parallel N]
 #   --dist       where tools/build_wheel.sh wrote the wheels (default: dist/)
 #   --python     interpreter for the venvs (its tag must match the native wheels; default python3)
 #   --torch      torch requirement (default: torch==2.13.0)
@@ -28,6 +29,7 @@
 #                ~/.cache/kawhi-toolchains)
 #   --deps-only  only make sure the dependency layer exists (tools/ci_wheels.sh runs this in the
 #                background while the native wheels compile), then exit
+#   --parallel   how many venvs are checked at once (default: the number of CPUs; 1: in turn)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,6 +41,7 @@ work=""
 keep=0
 cache="${KAWHI_TOOLCHAIN_CACHE:-$HOME/.cache/kawhi-toolchains}"
 deps_only=0
+parallel="$(nproc 2>/dev/null || echo 1)"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dist) dist="$2"; shift 2 ;;
@@ -49,11 +52,13 @@ while [[ $# -gt 0 ]]; do
     --keep) keep=1; shift ;;
     --cache) cache="$2"; shift 2 ;;
     --deps-only) deps_only=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --parallel) parallel="$2"; shift 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "check_wheels.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 log() { echo "check_wheels.sh: $*" >&2; }
+[[ "$parallel" =~ ^[1-9][0-9]*$ ]] || { log "--parallel: '$parallel' is not a positive integer"; exit 2; }
 
 quiet_pip() {  # pip's warnings about absent local index folders are noise here
   "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
@@ -226,19 +231,42 @@ natives=("$dist"/kawhi_kernels_cuda*-"$version"-*.whl)
 [[ ${#natives[@]} -gt 0 ]] || { log "no native companion wheels in $dist"; exit 1; }
 # The first venv checks the pure wheel alone, then adds the first companion through its extra
 # (what a user who installed kawhi-kernels first does); every other companion gets a fresh venv.
-first=1
-for whl in "${natives[@]}"; do
-  major="$(basename "$whl" | sed -n 's/^kawhi_kernels_cuda\([0-9]*\)-.*/\1/p')"
-  venv="$work/venv-cuda$major"
-  t0=$SECONDS
+# The venvs are independent: with --parallel N > 1 up to N of them run at once (each one's log is
+# printed whole when it ends).
+check_venv() {  # MAJOR FIRST(0/1): one fresh venv, its checks; nonzero when one failed
+  local major="$1" first="$2" venv="$work/venv-cuda$1" t0=$SECONDS rc=0
   log "[cuda$major] fresh venv $venv"
-  make_venv "$venv" || { log "[cuda$major] could not make the venv"; status=1; continue; }
+  make_venv "$venv" || { log "[cuda$major] could not make the venv"; return 1; }
   log "[cuda$major] venv ready: $((SECONDS - t0)) s"
   if [[ $first == 1 ]]; then
-    check_one "" "$venv" || { log "[pure] FAILED"; status=1; }
-    first=0
+    check_one "" "$venv" || { log "[pure] FAILED"; rc=1; }
   fi
-  check_one "$major" "$venv" || { log "[cuda$major] FAILED"; status=1; }
+  check_one "$major" "$venv" || { log "[cuda$major] FAILED"; rc=1; }
+  return $rc
+}
+
+majors=()
+for whl in "${natives[@]}"; do
+  majors+=("$(basename "$whl" | sed -n 's/^kawhi_kernels_cuda\([0-9]*\)-.*/\1/p')")
 done
+pids=() first=1 running=0
+for major in "${majors[@]}"; do
+  if [[ $parallel -le 1 ]]; then
+    check_venv "$major" "$first" || status=1
+  else
+    if [[ $running -ge $parallel ]]; then wait -n || true; running=$((running - 1)); fi
+    (rc=0; check_venv "$major" "$first" >"$work/check-cuda$major.log" 2>&1 || rc=$?
+     echo "$rc" >"$work/check-cuda$major.rc") &
+    pids+=($!) running=$((running + 1))
+  fi
+  first=0
+done
+if [[ $parallel -gt 1 ]]; then
+  wait "${pids[@]}" || true
+  for major in "${majors[@]}"; do
+    cat "$work/check-cuda$major.log" >&2
+    [[ "$(cat "$work/check-cuda$major.rc" 2>/dev/null)" == 0 ]] || status=1
+  done
+fi
 [[ $status == 0 ]] && log "all wheels passed" || log "FAILED"
 exit $status
