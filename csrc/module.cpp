@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "mma_layout.h"
 #include "ops.h"
@@ -249,6 +250,20 @@ void bind_mma_layout(py::module_& m) {
   s.attr("TILE_KEYS") = mma::kTileKeys;
   s.attr("WARP_ROWS") = mma::kWarpRows;
   s.attr("WARPS") = mma::kWarps;
+  // The second MMA (region mass) and the scatter columns.
+  s.def("p_a_source", [pair](int kc, int r) { return pair(mma::p_a_source(kc, r)); });
+  s.def("one_hot_key", &mma::one_hot_key);
+  s.def("one_hot_col", &mma::one_hot_col);
+  s.def("region_ntiles", &mma::region_ntiles);
+  s.def("scatter_column", [](const py::sequence& tile_region, int key) {
+    std::vector<int32_t> ids;
+    for (const auto& v : tile_region) ids.push_back(v.cast<int32_t>());
+    if (key < 0 || key >= static_cast<int>(ids.size())) throw py::value_error("key: outside the tile");
+    return mma::scatter_column_host(ids.data(), key);
+  });
+  s.attr("STAGES") = mma::kStages;
+  s.attr("COARSE_MAX_REGIONS") = mma::kCoarseMaxRegions;
+  s.attr("MASS_SCALE") = mma::kMassScale;
 }
 
 PYBIND11_MODULE(_C, m) {

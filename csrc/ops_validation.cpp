@@ -99,9 +99,6 @@ void validate_tensor_core_path(const std::string& op, const AttentionMassArgs& a
   if (a.head_dim % 16 != 0)
     fail(op, "head_dim: the tensor-core kernel needs a multiple of 16, got " +
                  std::to_string(a.head_dim));
-  if (a.deterministic)
-    fail(op, "deterministic: the tensor-core kernel accumulates with atomics; use "
-             "slots_per_cta = 0 for deterministic sums");
   if (a.q % 16 != 0 || a.k % 16 != 0)
     fail(op, "q/k: the tensor-core kernel needs 16-byte aligned q and k (cp.async)");
   if (a.q_stride_t % 8 || a.q_stride_h % 8 || a.k_stride_t % 8 || a.k_stride_h % 8)

@@ -623,15 +623,14 @@ def test_tensor_core_dispatch_rule():
     q = torch.zeros(10, 28, 128, dtype=torch.bfloat16)
     k = torch.zeros(12, 4, 128, dtype=torch.bfloat16)
     heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
-    assert tensor_core_slots(q, k, heads, 28, 4, False, None) == 4
-    assert tensor_core_slots(q, k, heads, 28, 4, True, None) == 0        # deterministic
-    assert tensor_core_slots(q, k, heads, 28, 4, False, 8) == 0          # explicit block_rows
-    assert tensor_core_slots(q.float(), k.float(), heads, 28, 4, False, None) == 0
-    assert tensor_core_slots(q[..., :40], k[..., :40], heads, 28, 4, False, None) == 0
-    assert tensor_core_slots(q[..., :80], k[..., :80], [0, 7], 28, 4, False, None) == 1
+    assert tensor_core_slots(q, k, heads, 28, 4, None) == 4
+    assert tensor_core_slots(q, k, heads, 28, 4, 8) == 0                 # explicit block_rows
+    assert tensor_core_slots(q.float(), k.float(), heads, 28, 4, None) == 0
+    assert tensor_core_slots(q[..., :40], k[..., :40], heads, 28, 4, None) == 0
+    assert tensor_core_slots(q[..., :80], k[..., :80], [0, 7], 28, 4, None) == 1
     mha_q, mha_k = torch.zeros(3, 4, 64, dtype=torch.float16), torch.zeros(3, 4, 64, dtype=torch.float16)
-    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 4, False, None) == 1
-    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 2, False, None) == 2
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 4, None) == 1
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 2, None) == 2
     groups = slot_groups(heads, 28, 4, 4)
     assert groups.tolist() == [[0, 1, 2, -1], [3, 4, 5, 6], [7, 8, -1, -1]]
     # every slot appears once, and a group's slots share one KV head
@@ -645,12 +644,14 @@ def test_tensor_core_dispatch_rule():
 def test_tensor_core_path_argument_errors():
     ok = dict(dtype=1, slots_per_cta=4, slot_groups=FAKE, num_slot_groups=2)
     EXT.validate(_mass_args(**ok))
+    # deterministic segment sums are served too (per-block partial rows, no atomics)
+    EXT.validate(_mass_args(**ok, segmented=True, num_segments=3, deterministic=True,
+                            partial=FAKE, segment_block_start=FAKE, segment_blocks=FAKE))
     for overrides, message in [
         (dict(slots_per_cta=3), r"slots_per_cta: expected 0, 1, 2 or 4, got 3"),
         (dict(dtype=0), r"dtype: the tensor-core kernel .* float16 or bfloat16"),
         (dict(head_dim=72, q_stride_t=8 * 72, q_stride_h=72, k_stride_t=2 * 72, k_stride_h=72),
          r"head_dim: the tensor-core kernel needs a multiple of 16, got 72"),
-        (dict(deterministic=True), r"deterministic: the tensor-core kernel accumulates"),
         (dict(q=FAKE + 2), r"q/k: the tensor-core kernel needs 16-byte aligned"),
         (dict(k_stride_t=2 * 64 + 4), r"strides that are multiples of 8"),
         (dict(num_slot_groups=0), r"num_slot_groups: expected an integer >= 1"),
@@ -800,7 +801,7 @@ def test_gpu_tensor_core_attention_mass_matches_reference(hq, hk, d, dtype, regi
     seed = 4321 + hq * 17 + d
     q, k, cu_q, cu_k = _qk(seed, LENS_Q, LENS_K, hq, hk, d, dtype)
     head_list = list(range(hq)) if heads is None else heads
-    assert tensor_core_slots(q, k, head_list, hq, hk, False, None) > 0
+    assert tensor_core_slots(q, k, head_list, hq, hk, None) > 0
     region = _regions(seed + 1, LENS_K, num_regions, regions)
     kwargs = dict(heads=heads, causal=causal)
     if segments is not None:
@@ -818,6 +819,64 @@ def test_gpu_tensor_core_attention_mass_matches_reference(hq, hk, d, dtype, regi
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(got, warp_kernel, **TOL)
+
+
+# Every region path of the tensor-core kernel: coarse (R <= 64, one-hot MMA accumulated over
+# the pass) and scatter (R > 64, per-tile columns), per-row and segment outputs, atomics and
+# deterministic partials, GQA group sizes 1 / 4 / 7, head dims 64 / 128 / 256, fp16 and bf16.
+# (dtype, group, hk, d, R, region kind, segments, deterministic)
+REGION_PATH_CASES = [
+    (torch.float16, 1, 4, 64, 5, "coarse", None, False),
+    (torch.bfloat16, 4, 2, 128, 64, "coarse", None, True),
+    (torch.bfloat16, 7, 1, 256, 33, "coarse", "runs", False),
+    (torch.float16, 4, 2, 64, 17, "coarse", "random", True),
+    (torch.bfloat16, 1, 3, 128, 2, "coarse", "runs", True),
+    (torch.float16, 7, 1, 128, 65, "patch", None, False),
+    (torch.bfloat16, 4, 2, 256, 300, "patch", None, True),
+    (torch.float16, 1, 4, 256, 90, "patch", "runs", False),
+    (torch.bfloat16, 7, 1, 64, 120, "patch", "random", True),
+    (torch.float16, 4, 1, 128, 200, "coarse_many", "runs", True),   # R > 64, repeated ids
+    (torch.bfloat16, 4, 1, 64, 500, "coarse_many", "random", False),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype,group,hk,d,num_regions,kind,segments,deterministic",
+                         REGION_PATH_CASES)
+def test_gpu_tensor_core_region_paths_match_reference(dtype, group, hk, d, num_regions, kind,
+                                                      segments, deterministic):
+    from kawhi_kernels.cuda.attention_mass import tensor_core_slots
+
+    hq = group * hk
+    seed = 999 + group * 13 + d + num_regions
+    lens_q, lens_k = [5, 70, 0, 130, 9], [9, 150, 4, 260, 3]
+    q, k, cu_q, cu_k = _qk(seed, lens_q, lens_k, hq, hk, d, dtype)
+    assert tensor_core_slots(q, k, list(range(hq)), hq, hk, None) > 0
+    if kind == "coarse_many":    # many keys per region, ids spread over all R (scatter path)
+        g = torch.Generator().manual_seed(seed)
+        region = torch.randint(-1, num_regions, (sum(lens_k),), generator=g, dtype=torch.int32)
+        region = region.cuda()
+    else:
+        region = _regions(seed + 1, lens_k, num_regions, "coarse" if kind == "coarse" else "patch")
+    kwargs = dict(causal=True)
+    if segments is not None:
+        seg, nseg = _segments(segments, seed + 2, q.shape[0])
+        kwargs.update(query_segment=seg, num_segments=nseg)
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, **kwargs)
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions,
+                              deterministic=deterministic, **kwargs)
+    torch.cuda.synchronize()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL)
+    # per-row outputs (one writer per element) and deterministic segment sums repeat bitwise
+    if deterministic or segments is None:
+        again = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions,
+                                    deterministic=deterministic, **kwargs)
+        assert torch.equal(got, again)
+    lse = _reference_lse(q, k, cu_q, cu_k, 1.0 / math.sqrt(d), True)
+    with_lse = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, lse=lse,
+                                   deterministic=deterministic, **kwargs)
+    torch.testing.assert_close(with_lse, want, **TOL)
 
 
 @gpu_test
