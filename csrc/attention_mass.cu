@@ -1,7 +1,8 @@
 // attention_mass: softmax probability mass of query rows on key regions (see ops.h).
-// This file: the launcher, and the warp-per-row kernel that serves fp32 inputs, deterministic
-// segment sums and head dims the tensor-core kernel (attention_mass_mma.cu, slots_per_cta > 0)
-// does not take.
+// This file: the launcher (output and partial zeroing, kernel choice, the deterministic
+// reduction of partial rows for both kernels), and the warp-per-row kernel that serves fp32
+// inputs and head dims the tensor-core kernels (attention_mass_mma.cu, slots_per_cta > 0) do
+// not take. Both kernels read one MassKernelParams (attention_mass_params.h).
 //
 // One warp per (row block, output slot); a thread block holds kMassWarps warps of consecutive row
 // blocks for one slot (independent warps, no shared memory: one-warp blocks would cap occupancy

@@ -1,7 +1,7 @@
 """Static checks of the built CUDA kernels' SASS (no GPU needed): the tensor-core
-attention_mass kernel really uses tensor cores (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS)
-inside its K-tile loop, spills nothing to local memory, and its registers (and, for head dims
-up to 128, its shared memory) allow at least two CTAs per SM on every architecture built.
+attention_mass kernels really use tensor cores (HMMA) for both their MMAs (scores and region
+mass), ldmatrix (LDSM) and cp.async (LDGSTS) inside their K-tile loops, spill nothing to
+local memory, and their registers (and, for head dims up to 128, their shared memory) allow at least two CTAs per SM on every architecture built.
 The table of these facts is benchmarks/results/cuda_static_sass.md
 (``python tools/cuda_sass_report.py kawhi_kernels/_C*.so --markdown``).
 """
@@ -42,12 +42,13 @@ def _mma(kernels, arch):
             if a == arch and "attention_mass_mma_kernel" in name}
 
 
-def test_every_built_arch_has_the_four_tensor_core_variants(kernels):
+def test_every_built_arch_has_the_eight_tensor_core_variants(kernels):
     built = [a for a in EXT.build_info()["archs"] if a.startswith("sm_")]
     assert built and set(built) <= set(_archs(kernels))
     for arch in built:
         assert sorted(_mma(kernels, arch)) == sorted(
-            f"attention_mass_mma_kernel<{t}, {d}>" for t in ("half", "bf16") for d in (128, 256)), arch
+            f"attention_mass_mma_kernel<{t}, {d}, {mode}>" for t in ("half", "bf16")
+            for d in (128, 256) for mode in ("coarse", "scatter")), arch
 
 
 def test_tensor_core_kernel_uses_hmma_ldmatrix_and_cp_async_in_its_k_loop(kernels):
@@ -57,6 +58,26 @@ def test_tensor_core_kernel_uses_hmma_ldmatrix_and_cp_async_in_its_k_loop(kernel
                 (arch, name, k.counts)
             # a loop holding the prefetch (LDGSTS) and the MMAs: the K-tile loop
             assert any({"HMMA", "LDSM", "LDGSTS"} <= ops for ops in k.loops_with), (arch, name)
+
+
+def test_both_mmas_are_on_tensor_cores(kernels):
+    """Scores (Q K^T: D/16 x 8 HMMAs per K tile, in pass 1 and pass 2) and region mass (P hi and
+    lo x one-hot: 4 k-chunks x 8 region n-tiles x 2, always fp16 inputs). In the bf16 kernels
+    the two are told apart by input type, and the mass MMA must sit in the pass-2 K loop,
+    next to the cp.async prefetch and the ldmatrix reads."""
+    for arch in _archs(kernels):
+        for name, k in _mma(kernels, arch).items():
+            dim = report.mma_variant_dim(k.name)
+            scores = 2 * (dim // 16) * 8
+            mass = 4 * 8 * 2
+            if "bf16" in name:
+                assert k.counts["HMMA.BF16"] >= scores, (arch, name, k.counts)
+                assert k.counts["HMMA.F16"] >= mass, (arch, name, k.counts)
+                assert any({"HMMA.F16", "HMMA.BF16", "LDSM", "LDGSTS"} <= ops
+                           for ops in k.loops_with), (arch, name)
+            else:
+                assert k.counts["HMMA.BF16"] == 0, (arch, name)
+                assert k.counts["HMMA.F16"] >= scores + mass, (arch, name, k.counts)
 
 
 def test_tensor_core_kernel_fits_two_ctas_per_sm(kernels):

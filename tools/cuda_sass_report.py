@@ -4,7 +4,7 @@
 Reads ``cuobjdump -sass`` and ``cuobjdump --dump-resource-usage`` of the shared object and, per
 architecture and kernel, reports registers, local memory, the CTAs per SM the register file and
 the shared memory allow, and counts of the instructions that show the tensor-core design:
-HMMA (mma.sync), LDSM (ldmatrix), LDGSTS (cp.async). ``--markdown`` prints the table recorded
+HMMA (mma.sync; split into fp16 and bf16 inputs), LDSM (ldmatrix), LDGSTS (cp.async). ``--markdown`` prints the table recorded
 in benchmarks/results/cuda_static_sass.md; tests/test_cuda_static_sass.py asserts on the same
 facts.
 
@@ -29,7 +29,13 @@ REGISTER_ALLOCATION_UNIT = 256        # registers per warp are allocated in unit
 SHARED_PER_SM = {"sm_80": 167936, "sm_86": 102400, "sm_89": 102400, "sm_90": 233472}
 SHARED_RESERVED_PER_CTA = 1024
 MAX_CTAS_PER_SM = {"sm_80": 32, "sm_86": 16, "sm_89": 24, "sm_90": 32}
-COUNTED = ("HMMA", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR")
+COUNTED = ("HMMA", "HMMA.F16", "HMMA.BF16", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR")
+# How each counted name is matched in a SASS line: HMMA.F16 / HMMA.BF16 split the m16n8k16
+# HMMAs by input type (the attention_mass region-mass MMA is always fp16; the score MMA of the
+# bf16 kernels is bf16).
+_OPCODE = {op: rf"\b{re.escape(op)}\b" for op in COUNTED}
+_OPCODE["HMMA.F16"] = r"\bHMMA\.16816\.F32(?![.\w])"
+_OPCODE["HMMA.BF16"] = r"\bHMMA\.16816\.F32\.BF16\b"
 
 _ARCH = re.compile(r"^arch = (sm_\d+[a-z]?)\s*$", re.M)
 _FUNC_SASS = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
@@ -70,7 +76,7 @@ def parse(sass: str, resources: str) -> dict[tuple[str, str], Kernel]:
             code = body[m.end():funcs[i + 1].start() if i + 1 < len(funcs) else len(body)]
             kernel = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
             for op in COUNTED:
-                kernel.counts[op] = len(re.findall(rf"\b{op}\b", code))
+                kernel.counts[op] = len(re.findall(_OPCODE[op], code))
             kernel.loops_with = loops_containing(code)
     return kernels
 
@@ -84,7 +90,7 @@ def loops_containing(code: str) -> list[set[str]]:
     import bisect
 
     instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
-    where = {op: [a for a, t in instrs if re.search(rf"\b{op}\b", t)] for op in COUNTED}
+    where = {op: [a for a, t in instrs if re.search(_OPCODE[op], t)] for op in COUNTED}
     loops = []
     for addr, text in instrs:
         m = _BRANCH.search(text)
@@ -141,6 +147,9 @@ def label(mangled: str) -> str:
     d = re.search(r"Li(\d+)E", mangled)
     if d:
         args.append(d.group(1))
+    mode = re.search(r"Li\d+ELb([01])E", mangled)   # attention_mass_mma_kernel<T, D, kCoarse>
+    if mode:
+        args.append("coarse" if mode.group(1) == "1" else "scatter")
     return f"{name}<{', '.join(args)}>" if args else name
 
 
@@ -155,14 +164,15 @@ def markdown(kernels: dict[tuple[str, str], Kernel], shared_bytes) -> str:
     """The table of every kernel per arch; ``shared_bytes(max_d)`` gives the dynamic shared
     memory of an attention_mass_mma_kernel variant."""
     rows = ["| arch | kernel | REG | local | stack | CTAs/SM by regs | CTAs/SM by smem | "
-            "HMMA | LDSM | LDGSTS |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "HMMA (f16 / bf16) | LDSM | LDGSTS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, name), k in sorted(kernels.items(), key=lambda kv: (kv[0][0], label(kv[0][1]))):
         dim = mma_variant_dim(name)
         smem = ctas_by_shared(arch, shared_bytes(dim), k.static_shared) if dim else None
         rows.append(f"| {arch} | {label(name)} | {k.registers} | {k.local} | {k.stack} | "
                     f"{ctas_by_registers(k.registers, 128) if dim else ''} | "
                     f"{'' if smem is None else smem} | "
-                    f"{k.counts.get('HMMA', 0)} | {k.counts.get('LDSM', 0)} | "
+                    f"{k.counts.get('HMMA', 0)} ({k.counts.get('HMMA.F16', 0)} / "
+                    f"{k.counts.get('HMMA.BF16', 0)}) | {k.counts.get('LDSM', 0)} | "
                     f"{k.counts.get('LDGSTS', 0)} |")
     return "\n".join(rows)
 
