@@ -341,3 +341,54 @@ def test_ring_schedule_reads_each_tile_from_its_stage_after_it_landed(stages, ti
         consumed.add(t)                            # the body reads the stage
         stage = (stage + 1) % stages
     assert issue_t is None and consumed == set(tiles)
+
+
+@pytest.mark.parametrize("num_regions,tile", [(7, 0), (7, 2), (300, 1)])
+def test_one_warp_tile_of_pass_two_gives_the_reference_mass(num_regions, tile):
+    """Pass 2 of one warp on key tile `tile`, as the kernel does it: p = min(2^(s log2e - lse2),
+    1) for keys below each row's causal limit (key index t * 64 + 8 nt + c_coord col), scaled,
+    the second MMA against region columns (coarse) or first-key columns (scatter), then the
+    per-row flush and the column sums; against a direct NumPy evaluation."""
+    rng = np.random.default_rng(num_regions + tile)
+    lq, lk = 40, 200
+    first_local = 17                                   # the warp's rows 17..32 of the sequence
+    S = rng.standard_normal((16, lk)) * 2.0            # scaled scores, natural log units
+    limits = [L.visible_keys(first_local + r, lq, lk, True) for r in range(16)]
+    lse = np.array([np.log(np.exp(S[r, :limits[r]]).sum()) for r in range(16)])
+    region = rng.integers(-1, num_regions if num_regions <= 64 else 40, lk).astype(np.int32)
+    if num_regions > 64:
+        region[region >= 0] += 250                     # ids near the top of R
+    keys = slice(tile * 64, tile * 64 + 64)
+    tile_region = region[keys]
+    coarse = num_regions <= L.COARSE_MAX_REGIONS
+    cols = (tile_region.tolist() if coarse else
+            [L.scatter_column(tile_region.tolist(), key) for key in range(64)])
+    log2e = 1.4426950408889634
+    acc = scores_to_acc(S[:, keys])                    # q.k x softmax_scale; x log2e below
+    for lane in LANES:
+        for nt in range(8):
+            for i in range(4):
+                row, c = L.c_coord(lane, i)
+                key = tile * 64 + nt * 8 + c
+                s2 = np.float32(acc[lane][nt][i]) * np.float32(log2e)
+                p = min(2.0 ** (s2 - lse[row] * log2e), 1.0) if key < limits[row] else 0.0
+                acc[lane][nt][i] = np.float32(p) * np.float32(L.MASS_SCALE)
+    ntiles = L.region_ntiles(num_regions) if coarse else 8
+    mass = mass_mma(acc, cols, ntiles)
+    out = np.zeros((16, num_regions))
+    for lane in LANES:
+        for rt in range(ntiles):
+            for i in range(4):
+                row, c8 = L.c_coord(lane, i)
+                c = rt * 8 + c8
+                if coarse and c < num_regions:
+                    out[row, c] = mass[lane][rt][i] / L.MASS_SCALE
+                elif not coarse and cols[c] == c:
+                    out[row, tile_region[c]] += mass[lane][rt][i] / L.MASS_SCALE
+    want = np.zeros((16, num_regions))
+    for r in range(16):
+        for j in range(tile * 64, min(tile * 64 + 64, limits[r])):
+            if region[j] >= 0:
+                want[r, region[j]] += min(np.exp(S[r, j] - lse[r]), 1.0)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-9)
+    assert want.sum() > 0.05
