@@ -28,7 +28,10 @@ namespace kawhi {
 namespace mma {
 
 #ifndef KAWHI_MMA_STAGES
-#define KAWHI_MMA_STAGES 2  // build with -DKAWHI_MMA_STAGES=3 (host and CUDA flags) for 3 stages
+// K ring depth. 3 stages: define it for the host and the CUDA compiler alike (module.cpp exposes
+// shared_bytes), e.g. KAWHI_CMAKE_ARGS="-DCMAKE_CXX_FLAGS=-DKAWHI_MMA_STAGES=3
+// -DCMAKE_CUDA_FLAGS=-DKAWHI_MMA_STAGES=3" for setup.py.
+#define KAWHI_MMA_STAGES 2
 #endif
 
 constexpr int kWarpThreads = 32;
