@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mass_mma_kernel(MassKer
   // Segment outputs: the CTA's column sums (slot s, column c) -> out / partial. All threads;
   // one thread per (slot, column), the warps of a slot added in warp order.
   const int warps_per_slot = kWarps / spc;
-  auto publish_column_sums = [&](const float (&m)[kTileKeys / 8][4], const int8_t*) {
+  auto publish_column_sums = [&](const float (&m)[kTileKeys / 8][4]) {
     float* mine = colsum + warp * kTileKeys;
     if (active) {
       warp_column_sums(m, lane, ntiles, mine);
@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mass_mma_kernel(MassKer
             row[regions[c]] += mass[rt][i] * inv_scale;  // one lane per (row, region) per tile
         }
     } else {
-      publish_column_sums(mass, columns);
+      publish_column_sums(mass);
       flush_segment(columns, regions);  // read before the next tile's barrier
     }
   });
@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mass_mma_kernel(MassKer
           }
       }
     } else {
-      publish_column_sums(mass, nullptr);
+      publish_column_sums(mass);
       flush_segment(nullptr, nullptr);
     }
   }
