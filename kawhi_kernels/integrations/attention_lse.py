@@ -32,8 +32,9 @@ flash does not accept a mask), flash-attn builds whose forward is not a register
 the layer. ``attention_mass`` then computes its own normaliser; nothing is guessed.
 
 The varlen layout is mapped to the capture's rows by requiring that the kernel's tokens are the
-capture's keys in the same order (``T`` = total keys and equal ``cu_seqlens``), which is how
-transformers unpads (row-major non-pad tokens) and packs; anything else is refused.
+capture's keys in the same order, which is how transformers unpads (row-major non-pad tokens) and
+packs: ``T`` = total keys, equal ``cu_seqlens``, and the kernel's q at the captured rows equal to
+the captured q (bit for bit, after a cast to the kernel's dtype); anything else is refused.
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ class LSETargets:
     batch, length, num_heads: the layer's B, L, Hq. q_batch, q_pos: int64 [total_q] row/column of
     each captured query. q_in_k: int64 [total_q] index of each query among the capture's keys
     (row-major non-pad tokens), which is the token order of a varlen kernel. cu_seqlens_k: int32
-    [S+1] of those keys."""
+    [S+1] of those keys. q_rows: optional [total_q, Hq, D] the layer's captured q (per call), to
+    check a varlen kernel's token order against."""
 
     batch: int
     length: int
@@ -129,6 +131,7 @@ class LSETargets:
     q_pos: torch.Tensor
     q_in_k: torch.Tensor
     cu_seqlens_k: torch.Tensor
+    q_rows: torch.Tensor | None = None
 
 
 def _bind(func, args, kwargs) -> dict:
@@ -204,6 +207,8 @@ class LSEWatcher(TorchDispatchMode):
                 or not torch.equal(cu.to(torch.int64), t.cu_seqlens_k.to(device=cu.device, dtype=torch.int64)):
             return source, None, (f"{name}: its tokens (q {_shape(q)}, cu_seqlens_q {_shape(cu)}) are not the "
                                   f"capture's {total} keys in order")
+        if t.q_rows is not None and not torch.equal(q[t.q_in_k.to(q.device)], t.q_rows.to(q.dtype)):
+            return source, None, f"{name}: its q at the captured rows differs from the captured q (token order)"
         if lse.dim() == 2 and tuple(lse.shape) == (t.num_heads, total):
             rows = lse[:, t.q_in_k.to(lse.device)]
         elif lse.dim() == 3 and lse.shape[0] == cu.numel() - 1 and lse.shape[1] == t.num_heads:

@@ -186,7 +186,8 @@ def _wrapper_for(impl: str) -> Callable:
             # capture_lse: the same call, watched for the normaliser its kernel returns.
             from .attention_lse import run_watched
 
-            out, found = run_watched(original, entry[1]._layout.lse_targets, eager=impl == "eager",
+            targets = dataclasses.replace(entry[1]._layout.lse_targets, q_rows=pending.q)
+            out, found = run_watched(original, targets, eager=impl == "eager",
                                      args=(module, query, key, value, attention_mask), kwargs=kwargs)
         finally:
             config._attn_implementation_internal = wrapped
