@@ -444,3 +444,29 @@ def _to_cpu(rec):
 
     return dataclasses.replace(rec, **{f: getattr(rec, f).cpu() for f in
                                        ("q", "k", "cu_seqlens_q", "cu_seqlens_k", "q_batch", "q_pos", "k_batch", "k_pos")})
+
+
+# --------------------------------------------------------------------------- test-order regression
+@pytest.mark.skipif(torch.cuda.is_available() or not HAS_TRITON, reason="interpreter check for CPU machines")
+def test_triton_language_is_interpreted_whatever_the_collection_order():
+    """Collecting tests/test_cuda_static_sass.py first imports triton (``cuobjdump_path()``) at
+    module level; before tests/conftest.py set TRITON_INTERPRET=1, triton.language's helpers were
+    then decorated as compiled JITFunctions and every interpreter test run after it in the same
+    process failed ("Cannot call @triton.jit'd outside of the scope of a kernel"). Replays that
+    collection order in a fresh process (conftest first, as pytest loads it)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = ("import os, sys, runpy; sys.path.insert(0, sys.argv[1]); "
+              "runpy.run_path(os.path.join(sys.argv[1], 'conftest.py')); import test_cuda_static_sass; "
+              "import triton.language.standard as s; print(type(s.zeros).__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script, tests], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(tests))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "InterpretedFunction", out.stdout
+    # And in this process, whatever ran before.
+    import triton.language.standard as standard
+
+    assert type(standard.zeros).__name__ == "InterpretedFunction"
