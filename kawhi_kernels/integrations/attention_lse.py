@@ -145,6 +145,23 @@ def _shape(t) -> tuple:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
 
+# Rows of eager scores reduced at a time: bounds the gathered copy (and logsumexp's temporaries)
+# to about 2^24 fp32 values, whatever the sequence length.
+_EAGER_CHUNK_ELEMENTS = 1 << 24
+
+
+def _eager_rows_lse(x: torch.Tensor, t: "LSETargets") -> torch.Tensor:
+    """fp32 [Hq, total_q] logsumexp over the keys of the eager scores x [B, Hq, L, L] at the
+    captured rows, in row chunks."""
+    qb, qp = t.q_batch.to(x.device), t.q_pos.to(x.device)
+    out = torch.empty(qb.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+    step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[3]))
+    for i in range(0, qb.numel(), step):
+        rows = x[qb[i:i + step], :, qp[i:i + step]]                          # [chunk, Hq, L]
+        out[i:i + step] = torch.logsumexp(rows.float(), dim=-1)
+    return out.t().contiguous()
+
+
 def _dense_rows(lse: torch.Tensor, t: LSETargets) -> torch.Tensor:
     """[B, Hq, ≥L] -> [Hq, total_q] at the captured rows."""
     idx_b, idx_p = t.q_batch.to(lse.device), t.q_pos.to(lse.device)
@@ -187,8 +204,7 @@ class LSEWatcher(TorchDispatchMode):
             x, dim = a["self"], a["dim"]
             if x.dim() != 4 or dim % 4 != 3 or tuple(x.shape[:3]) != (t.batch, t.num_heads, t.length):
                 return "eager_scores", None, f"aten::_softmax input {_shape(x)}, expected [{t.batch}, {t.num_heads}, {t.length}, L]"
-            rows = x[t.q_batch.to(x.device), :, t.q_pos.to(x.device)]           # [total_q, Hq, L]
-            return "eager_scores", torch.logsumexp(rows.float(), dim=-1).t().contiguous(), ""
+            return "eager_scores", _eager_rows_lse(x, t), ""
         source, units = LSE_OPS[name]
         lse = out[1]
         q = a["q"] if "q" in a else a["query"]
