@@ -199,7 +199,7 @@ def test_sdpa_math_path_gives_no_lse_and_says_why():
             capture(model, inputs, qmask, capture_lse="require")
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     for rec in cap.records.values():
-        assert rec.lse is None and rec.lse_source.startswith("none: "), rec.lse_source
+        assert rec.lse is None and rec.lse_source.startswith("none: ") and "math path" in rec.lse_source, rec.lse_source
     cap2, _ = capture(model, inputs, qmask, capture_lse="require")
     assert all(r.lse_source == "sdpa_flash_cpu" for r in cap2.records.values())
 
@@ -257,6 +257,8 @@ def test_watcher_refuses_mismatched_and_ambiguous_calls():
     _, res = al.run_watched(lambda x: one(x) + one(x), targets, eager=False, args=(q,), kwargs={})
     assert res.lse is None and res.source.startswith("none: ambiguous, 2 candidate ops")
     _, res = al.run_watched(torch.softmax, targets, eager=False, args=(q @ q.transpose(-1, -2), -1), kwargs={})
+    assert res.lse is None and res.source.startswith("none: aten::_softmax (SDPA's math path")
+    _, res = al.run_watched(torch.matmul, targets, eager=False, args=(q, q.transpose(-1, -2)), kwargs={})
     assert res.lse is None and res.source.startswith("none: no attention op")
     scores = q @ q.transpose(-1, -2)
     _, res = al.run_watched(torch.softmax, targets, eager=True, args=(scores, -1), kwargs={})

@@ -194,6 +194,8 @@ class LSEWatcher(TorchDispatchMode):
                 self._found.append(self._convert(name, func, args, kwargs, out))
         elif name in _NO_LSE_OPS:
             self._other.append(name)
+        elif name in ("aten::_softmax", "aten::_safe_softmax"):
+            self._other.append(f"{name} (SDPA's math path, which is decomposed into plain ops)")
         return out
 
     # -- per op ----------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class LSEWatcher(TorchDispatchMode):
             names = [f[0] for f in self._found]
             return LSEResult(None, f"none: ambiguous, {len(names)} candidate ops ran ({', '.join(names)})")
         if self._other:
-            return LSEResult(None, f"none: {self._other[0]} returns no lse here")
+            return LSEResult(None, f"none: {self._other[0]} ran, which returns no lse here")
         return LSEResult(None, "none: no attention op that returns an lse ran (e.g. flash-attn < 2.6, "
                                "whose forward is not a registered torch op)")
 
