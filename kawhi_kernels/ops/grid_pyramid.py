@@ -12,6 +12,9 @@ from ._dispatch import implementation_for
 IMPLEMENTATIONS = {
     "torch": "kawhi_kernels.reference.grid_pyramid:grid_pyramid_reference",
     "triton": "kawhi_kernels.triton.grid_pyramid:grid_pyramid_triton",
+    # Only when asked for (backend="cuda"): `auto` keeps Triton until GPU timings show a shape
+    # class where the CUDA kernel wins (the rule next to _backend.resolve_backend).
+    "cuda": "kawhi_kernels.cuda.grid_pyramid:grid_pyramid_cuda",
 }
 
 
