@@ -960,6 +960,31 @@ def test_gpu_cosine_alignment_matches_reference(dtype, hq, hk, d, num_regions, h
 
 
 @gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 80, 100, 96, 256])
+@pytest.mark.parametrize("heads,per_head", [([0, 3, 5, 1, 2, 7, 6, 4, 0], False),   # 9 slots, a repeat
+                                            ([7, 2, 2, 5, 1], True)])
+def test_gpu_cosine_alignment_vector_and_scalar_layouts(dtype, d, heads, per_head):
+    """Aligned rows take 16-byte loads (lane groups of one head, several heads per warp), rows
+    at an odd element offset or with an odd head dim the scalar fallback: both match the
+    reference and each other, and repeat bit for bit."""
+    q, k, cu_q, cu_k = _qk(31 + d, LENS_Q, LENS_K, 8, 2, d + 8, dtype)   # strides d + 8
+    q[2] = 0
+    region = _regions(32, LENS_K, 3, "coarse")
+    results = []
+    for offset in (0, 1):           # 1: row starts at an odd element (not 16-byte aligned)
+        qq, kk = q[..., offset:offset + d], k[..., offset:offset + d]
+        want = cosine_alignment_reference(qq, kk, cu_q, cu_k, region, 3, heads=heads,
+                                          per_head=per_head)
+        got = cosine_alignment_cuda(qq, kk, cu_q, cu_k, region, 3, heads=heads, per_head=per_head)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+        assert torch.equal(got, cosine_alignment_cuda(qq, kk, cu_q, cu_k, region, 3, heads=heads,
+                                                      per_head=per_head))
+        results.append(got)
+    torch.testing.assert_close(results[0], results[1], atol=2e-6, rtol=2e-5)
+
+
+@gpu_test
 @pytest.mark.parametrize("shape,grid,sigma", [
     ((56, 84), (2, 3), 1.0),       # Qwen2.5-VL patches (28 px)
     ((64, 32), (2, 1), 1.0),       # Qwen3-VL patches (32 px)
