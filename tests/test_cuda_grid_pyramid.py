@@ -230,3 +230,15 @@ def test_gpu_frame_beyond_shared_memory_raises_naming_grids():
     mass = torch.zeros(1000 * 1000, device="cuda")
     with pytest.raises(ValueError, match=r"grids: a frame of 1000 x 1000 tokens"):
         grid_pyramid_cuda(mass, torch.tensor([[1, 1000, 1000]]), [1, 1000])
+
+
+@gpu_test
+def test_gpu_cuda_backend_under_torch_compile():
+    from kawhi_kernels import grid_pyramid
+
+    grids = [[1, 3, 5], [1, 2, 2]]
+    mass = torch.rand(4, 19, device="cuda")
+    compiled = torch.compile(lambda m: grid_pyramid(m, grids, levels=2, backend="cuda"),
+                             fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(mass), grid_pyramid(mass, grids, levels=2, backend="torch")):
+        torch.testing.assert_close(a, b, **TOL)
