@@ -3,7 +3,7 @@
 //
 // One thread block per (leading row, strip). The strip's rows x width tokens are contiguous in
 // the leading row of mass: the block streams them once with 16-byte loads (scalar head and
-// tail, vec_load.cuh) into shared memory as fp32. Levels follow in ascending cell size s: a
+// tail, vec_load.cuh) into shared memory as fp32 (16-byte shared stores). Levels follow in ascending cell size s: a
 // thread per cell sums its cell from the largest earlier level p with p | s (f = s/p cells of p
 // per side, ragged at the strip's right and bottom edges) or, without one, from the tokens;
 // the sums stay in shared memory for the later levels and go to the level's output row. Every
@@ -25,7 +25,8 @@ __global__ void __launch_bounds__(kPyramidThreads)
 grid_pyramid_kernel(const T* mass, int64_t mass_stride, const int64_t* strips, int64_t num_strips,
                     const int32_t* cell_sizes, int num_levels, const int64_t* cell_base,
                     float* const* outs, const int64_t* out_cells, int64_t shared_floats) {
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem_vectors[];  // float4: 16-byte aligned for stage_widened
+  float* smem = reinterpret_cast<float*>(smem_vectors);
   __shared__ int sizes[kMaxPyramidLevels];
   __shared__ int offsets[kMaxPyramidLevels];  // shared-memory offset of each level's cells
 
@@ -48,10 +49,11 @@ grid_pyramid_kernel(const T* mass, int64_t mass_stride, const int64_t* strips, i
   }
   // The host sized shared memory for its largest strip (grid_pyramid_shared_floats); a table
   // out of step with it would write past the allocation.
-  if (next > shared_floats) __trap();
+  if (next + kStageSlack > shared_floats) __trap();
 
-  for_each_widened(mass + lead * mass_stride + token0, tokens, tid, kPyramidThreads,
-                   [&](int i, float v) { smem[i] = v; });
+  // The strip as fp32 (tile[0, tokens)), then the levels' cells at tile + offsets[l].
+  float* tile = stage_widened(mass + lead * mass_stride + token0, tokens, smem, tid,
+                              kPyramidThreads);
   __syncthreads();
 
   for (int l = 0; l < num_levels; ++l) {
@@ -60,7 +62,7 @@ grid_pyramid_kernel(const T* mass, int64_t mass_stride, const int64_t* strips, i
     const int cw = (width + s - 1) / s;
     float* out = outs[l] + lead * out_cells[l] + cell_base[strip * num_levels + l];
     if (s == 1) {
-      for (int c = tid; c < tokens; c += kPyramidThreads) out[c] = smem[c];
+      for (int c = tid; c < tokens; c += kPyramidThreads) out[c] = tile[c];
       continue;  // nothing written to shared memory: no barrier needed
     }
     int p = 1, src = 0;  // source level: cell size and shared-memory offset (1, 0: the tokens)
@@ -74,7 +76,7 @@ grid_pyramid_kernel(const T* mass, int64_t mass_stride, const int64_t* strips, i
     const int f = s / p;                     // source cells per side of a cell
     const int src_h = (rows + p - 1) / p;    // source grid of the strip
     const int src_w = (width + p - 1) / p;
-    float* dst = smem + offsets[l];
+    float* dst = tile + offsets[l];
     for (int c = tid; c < ch * cw; c += kPyramidThreads) {
       const int i = c / cw;
       const int j = c - i * cw;
@@ -82,7 +84,7 @@ grid_pyramid_kernel(const T* mass, int64_t mass_stride, const int64_t* strips, i
       const int c_end = min((j + 1) * f, src_w);
       float sum = 0.0f;
       for (int r = i * f; r < r_end; ++r) {
-        const float* line = smem + src + r * src_w;
+        const float* line = tile + src + r * src_w;
         for (int k = j * f; k < c_end; ++k) sum += line[k];
       }
       dst[c] = sum;

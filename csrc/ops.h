@@ -86,10 +86,11 @@ constexpr int64_t kMaxStripTokens = int64_t{1} << 24;
 #endif
 
 // fp32 shared-memory slots a block needs for a strip of `rows` x `width` tokens: the strip, plus
-// ceil(rows/s) * ceil(width/s) cells for every cell size s > 1 (sizes ascending, distinct).
+// ceil(rows/s) * ceil(width/s) cells for every cell size s > 1 (sizes ascending, distinct), plus
+// 4 slots of slack that let the strip start where its 16-byte loads land on 16-byte boundaries.
 KAWHI_HOST_DEVICE inline int64_t grid_pyramid_shared_floats(int64_t rows, int64_t width,
                                                             const int32_t* sizes, int64_t n) {
-  int64_t floats = rows * width;
+  int64_t floats = rows * width + 4;
   for (int64_t l = 0; l < n; ++l) {
     const int64_t s = sizes[l];
     if (s > 1) floats += ((rows + s - 1) / s) * ((width + s - 1) / s);

@@ -4,7 +4,8 @@
 // 16-byte aligned address. load_chunk<T, true> is that load; load_chunk<T, false> reads the
 // same chunk element by element, bounds-checked, for rows whose base, strides or length are
 // not multiples of a chunk. for_each_widened() streams a contiguous range of any alignment
-// through a thread block: scalar head up to the first 16-byte boundary, vectors, scalar tail.
+// through a thread block: scalar head up to the first 16-byte boundary, vectors, scalar tail;
+// stage_widened() does the same into shared memory with 16-byte shared stores.
 #pragma once
 
 #include <cstdint>
@@ -100,6 +101,35 @@ __device__ __forceinline__ void for_each_widened(const T* p, int n, int tid, int
     for (int j = 0; j < V; ++j) f(head + v * V + j, x[j]);
   }
   for (int i = head + vectors * V + tid; i < n; i += threads) f(i, to_float(p[i]));
+}
+
+// Slots of slack stage_widened() needs in front of its shared-memory destination.
+constexpr int kStageSlack = 4;
+
+// Copies p[0, n) (any alignment) into shared memory as fp32 with 16-byte loads and 16-byte
+// shared stores, spread over `threads` threads; returns where element 0 landed: `dst` (16-byte
+// aligned, with kStageSlack slots of slack) shifted by 0-3 slots so that the elements read as
+// vectors also start on a 16-byte boundary in shared memory. The caller synchronises.
+template <typename T>
+__device__ __forceinline__ float* stage_widened(const T* p, int n, float* dst, int tid,
+                                                int threads) {
+  constexpr int V = VecTraits<T>::kElems;
+  const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) /
+                                          sizeof(T));
+  const int head = min(n, misaligned ? V - misaligned : 0);
+  float* tile = dst + ((kStageSlack - head % kStageSlack) % kStageSlack);
+  for (int i = tid; i < head; i += threads) tile[i] = to_float(p[i]);
+  const int vectors = (n - head) / V;
+  const T* body = p + head;
+  float4* out = reinterpret_cast<float4*>(tile + head);
+  for (int v = tid; v < vectors; v += threads) {
+    float x[V];
+    load_vec16(body + v * V, x);
+#pragma unroll
+    for (int j = 0; j < V; j += 4) out[v * (V / 4) + j / 4] = make_float4(x[j], x[j + 1], x[j + 2], x[j + 3]);
+  }
+  for (int i = head + vectors * V + tid; i < n; i += threads) tile[i] = to_float(p[i]);
+  return tile;
 }
 
 }  // namespace kawhi
