@@ -183,9 +183,6 @@ void validate(const GridPyramidArgs& a) {
             "one thread block per (leading row, strip)");
   check_max(op, "shared_floats", a.shared_floats, kMaxStripTokens,
             "a block stages at most 2^24 tokens");
-  if (a.num_lead > 1 && a.mass_stride < a.num_tokens)
-    fail(op, "mass_stride: expected at least num_tokens = " + std::to_string(a.num_tokens) +
-                 " (rows of mass must not overlap), got " + std::to_string(a.mass_stride));
   check_ptr(op, "mass", a.mass, mul(op, a.num_lead, a.num_tokens));
   check_ptr(op, "strips", a.strips, mul(op, a.num_strips, 3));
   check_ptr(op, "cell_sizes", a.cell_sizes, a.num_levels);

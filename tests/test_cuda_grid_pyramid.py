@@ -227,6 +227,16 @@ def test_gpu_public_op_with_cuda_backend_and_fp64_fallback():
 
 
 @gpu_test
+def test_gpu_expanded_and_strided_mass():
+    grids = torch.tensor([[1, 5, 6], [2, 3, 3]])
+    row = _mass(3, (), 48, torch.bfloat16)
+    for mass in (row.expand(4, 48), torch.rand(48, 6, device="cuda").t()):   # stride 0 / 1 x 6
+        want = grid_pyramid_reference(mass, grids, [1, 2, 4])
+        for a, b in zip(grid_pyramid_cuda(mass, grids, [1, 2, 4]), want):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@gpu_test
 def test_gpu_frame_beyond_shared_memory_raises_naming_grids():
     mass = torch.zeros(1000 * 1000, device="cuda")
     with pytest.raises(ValueError, match=r"grids: a frame of 1000 x 1000 tokens"):
