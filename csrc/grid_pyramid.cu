@@ -3,11 +3,12 @@
 //
 // One thread block per (leading row, strip). The strip's rows x width tokens are contiguous in
 // the leading row of mass: the block streams them once with 16-byte loads (scalar head and
-// tail, vec_load.cuh) into shared memory as fp32 (16-byte shared stores). Levels follow in ascending cell size s: a
-// thread per cell sums its cell from the largest earlier level p with p | s (f = s/p cells of p
-// per side, ragged at the strip's right and bottom edges) or, without one, from the tokens;
-// the sums stay in shared memory for the later levels and go to the level's output row. Every
-// output cell is written by one thread in a fixed order: deterministic, no atomics.
+// tail, vec_load.cuh) into shared memory as fp32 (16-byte shared stores). Levels follow in
+// ascending cell size s: a thread per cell sums its cell from the largest earlier level p with
+// p | s (f = s/p cells of p per side, ragged at the strip's right and bottom edges) or, without
+// one, from the tokens; the sums stay in shared memory for the later levels and go to the
+// level's output row. Every output cell is written by one thread in a fixed order:
+// deterministic, no atomics.
 #include <cstdint>
 
 #include "common.cuh"

@@ -215,7 +215,8 @@ void bind_op_args(py::module_& m) {
           throw py::value_error("rows/width: expected non-negative sizes, got " +
                                 std::to_string(rows) + " x " + std::to_string(width));
         for (int32_t s : sizes)
-          if (s < 1) throw py::value_error("sizes: cell sizes must be >= 1, got " + std::to_string(s));
+          if (s < 1)
+            throw py::value_error("sizes: cell sizes must be >= 1, got " + std::to_string(s));
         return kawhi::grid_pyramid_shared_floats(rows, width, sizes.data(),
                                                  static_cast<int64_t>(sizes.size()));
       },

@@ -111,8 +111,9 @@ void validate(const GridPyramidArgs& a);
 int64_t sguf_shared_bytes(int64_t patch, int64_t radius);
 
 #ifdef KAWHI_WITH_CUDA
-// Launchers (attention_mass.cu, cosine_alignment.cu, sguf_descriptors.cu, grid_pyramid.cu). They call validate()
-// first, then launch asynchronously on args.stream; errors throw kawhi::CudaError.
+// Launchers (attention_mass.cu, cosine_alignment.cu, sguf_descriptors.cu, grid_pyramid.cu).
+// They call validate() first, then launch asynchronously on args.stream; errors throw
+// kawhi::CudaError.
 void launch_attention_mass(const AttentionMassArgs& a);
 void launch_cosine_alignment(const CosineAlignmentArgs& a);
 void launch_sguf_descriptors(const SgufDescriptorArgs& a);

@@ -126,7 +126,8 @@ __device__ __forceinline__ float* stage_widened(const T* p, int n, float* dst, i
     float x[V];
     load_vec16(body + v * V, x);
 #pragma unroll
-    for (int j = 0; j < V; j += 4) out[v * (V / 4) + j / 4] = make_float4(x[j], x[j + 1], x[j + 2], x[j + 3]);
+    for (int j = 0; j < V; j += 4)
+      out[v * (V / 4) + j / 4] = make_float4(x[j], x[j + 1], x[j + 2], x[j + 3]);
   }
   for (int i = head + vectors * V + tid; i < n; i += threads) tile[i] = to_float(p[i]);
   return tile;

@@ -93,7 +93,8 @@ def plan_strips(grid_list: list[list[int]], sizes: list[int], shared_floats, lim
     return strips_t, bases_t, cells, most
 
 
-def grid_pyramid_cuda(mass: torch.Tensor, grids: torch.Tensor, levels: list[int]) -> list[torch.Tensor]:
+def grid_pyramid_cuda(mass: torch.Tensor, grids: torch.Tensor,
+                      levels: list[int]) -> list[torch.Tensor]:
     """CUDA ``grid_pyramid`` (inputs validated by :func:`kawhi_kernels.ops.grid_pyramid`).
 
     Args:
