@@ -110,3 +110,58 @@ def test_register_and_shared_memory_occupancy_arithmetic():
     assert report.ctas_by_registers(64, 128) == 8
     assert report.ctas_by_shared("sm_86", 66048, 0) == 1
     assert report.ctas_by_shared("sm_80", 33792, 0) == 4
+
+
+# ----------------------------------------------------------------- bandwidth-bound kernels
+# cosine_alignment and grid_pyramid: 16-byte loads (LDG.E.128) inside their loops in the vector
+# variants, none in the scalar fallbacks (the negative control), and registers that leave room
+# for at least four CTAs per SM.
+
+@pytest.fixture(scope="module")
+def wide():
+    return report.read_wide_loads(EXT.__file__, TOOL)
+
+
+def _bandwidth(wide, arch, base):
+    return {report.bandwidth_label(name): loads for (a, name), loads in wide.items()
+            if a == arch and report.bandwidth_kernel(name) == base}
+
+
+def test_bandwidth_kernels_exist_for_every_dtype_and_variant(wide):
+    for arch in [a for a in EXT.build_info()["archs"] if a.startswith("sm_")]:
+        for base in ("cosine_rows_kernel", "region_mean_keys_kernel"):
+            assert sorted(_bandwidth(wide, arch, base)) == sorted(
+                f"{base}<{t}, {v}>" for t in ("half", "bf16", "float")
+                for v in ("vector", "scalar")), (arch, base)
+        assert sorted(_bandwidth(wide, arch, "grid_pyramid_kernel")) == sorted(
+            f"grid_pyramid_kernel<{t}>" for t in ("half", "bf16", "float")), arch
+
+
+def test_vector_variants_load_16_bytes_in_their_loops_and_scalar_ones_do_not(wide):
+    for (arch, name), (total, in_loop) in wide.items():
+        tag = (arch, report.bandwidth_label(name), total, in_loop)
+        if "Lb0E" in name:
+            assert total == 0, tag
+        else:   # the vector cosine variants and grid_pyramid (its strip loads)
+            assert in_loop >= 1, tag
+
+
+def test_bandwidth_kernels_fit_four_ctas_per_sm(kernels, wide):
+    for (arch, name) in wide:
+        k = kernels[(arch, name)]
+        threads = report.BANDWIDTH_THREADS[report.bandwidth_kernel(name)]
+        assert k.local == 0 and k.stack == 0, (arch, report.bandwidth_label(name))
+        assert report.ctas_by_registers(k.registers, threads) >= 4, (arch, name, k.registers)
+        if "grid_pyramid" in name:
+            assert report.ctas_by_shared(arch, report.GRID_PYRAMID_SHARED_BYTES,
+                                         k.static_shared) >= 2, arch
+
+
+def test_wide_load_count_reads_loops():
+    code = ("        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+            "        /*0010*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
+            "        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;\n"
+            "        /*0030*/                   LDG.E.U16 R9, desc[UR4][R2.64] ;\n"
+            "        /*0040*/               @P0 BRA 0x20 ;\n"
+            "        /*0050*/                   EXIT ;\n")
+    assert report.wide_loads(code) == (2, 1)

@@ -177,11 +177,96 @@ def markdown(kernels: dict[tuple[str, str], Kernel], shared_bytes) -> str:
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------- bandwidth-bound kernels
+# cosine_alignment and grid_pyramid stream q / k / mass: their facts are 16-byte global loads
+# (LDG.E.128, LDG.E.128.CONSTANT, ...) inside their loops, registers, and CTAs per SM.
+WIDE_LOAD = re.compile(r"\bLDG(?:\.[A-Z0-9_]+)*\.128\b")
+BANDWIDTH_THREADS = {"cosine_rows_kernel": 128, "region_mean_keys_kernel": 256,
+                     "grid_pyramid_kernel": 256}
+# Dynamic shared memory of a grid_pyramid block at the wrapper's preferred strip size
+# (kawhi_kernels/cuda/grid_pyramid.py PREFERRED_SHARED_FLOATS fp32 slots).
+GRID_PYRAMID_SHARED_BYTES = 12 * 1024 * 4
+MAX_WARPS_PER_SM = {"sm_80": 64, "sm_86": 48, "sm_89": 48, "sm_90": 64}
+
+
+def ctas_per_sm(arch: str, registers: int, threads: int, dynamic: int, static: int) -> int:
+    """Resident CTAs per SM: the least of the register, shared-memory, warp and CTA limits."""
+    arch = arch.rstrip("af")
+    limits = [ctas_by_registers(registers, threads), MAX_CTAS_PER_SM.get(arch, 16),
+              MAX_WARPS_PER_SM.get(arch, 48) // -(-threads // 32)]
+    smem = ctas_by_shared(arch, dynamic, static)
+    return min(limits + ([] if smem is None else [smem]))
+
+
+def bandwidth_kernel(mangled: str) -> str | None:
+    """The base name of a bandwidth-bound kernel (one of BANDWIDTH_THREADS), else None."""
+    return next((k for k in BANDWIDTH_THREADS if k in mangled), None)
+
+
+def bandwidth_label(mangled: str) -> str:
+    """label() plus the load variant of the cosine kernels (template flag: vector / scalar)."""
+    base = label(mangled)
+    if "IfLb" in mangled and "<" not in base:
+        base += "<float>"
+    if "Lb1E" in mangled:
+        return base[:-1] + ", vector>" if base.endswith(">") else base + "<vector>"
+    if "Lb0E" in mangled:
+        return base[:-1] + ", scalar>" if base.endswith(">") else base + "<scalar>"
+    return base
+
+
+def wide_loads(code: str) -> tuple[int, int]:
+    """(16-byte global loads in a kernel's SASS, those inside a loop: between a backward branch's
+    target and the branch)."""
+    instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
+    loads = [a for a, t in instrs if WIDE_LOAD.search(t)]
+    loops = [(int(m.group(1), 16), a) for a, t in instrs
+             for m in [_BRANCH.search(t)] if m and int(m.group(1), 16) < a]
+    in_loop = sum(any(lo <= a <= hi for lo, hi in loops) for a in loads)
+    return len(loads), in_loop
+
+
+def read_wide_loads(so: str, cuobjdump: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(arch, mangled name): wide_loads(...)} of the bandwidth-bound kernels of ``so``."""
+    res = subprocess.run([cuobjdump, "-sass", so], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cuobjdump} -sass {so} failed:\n{res.stdout}{res.stderr}")
+    out = {}
+    for arch, body in _sections(res.stdout):
+        funcs = list(_FUNC_SASS.finditer(body))
+        for i, m in enumerate(funcs):
+            if bandwidth_kernel(m.group(1)):
+                code = body[m.end():funcs[i + 1].start() if i + 1 < len(funcs) else len(body)]
+                out[(arch, m.group(1))] = wide_loads(code)
+    return out
+
+
+def bandwidth_markdown(kernels: dict[tuple[str, str], Kernel],
+                       wide: dict[tuple[str, str], tuple[int, int]]) -> str:
+    """Table of the bandwidth-bound kernels per arch: registers, local memory, LDG.128 (all /
+    in loops), CTAs per SM by registers and resident CTAs per SM (registers, shared memory at
+    grid_pyramid's preferred strip, warps and CTAs per SM)."""
+    rows = ["| arch | kernel | REG | local | LDG.128 | LDG.128 in loops | threads | "
+            "CTAs/SM by regs | CTAs/SM |", "|---|---|---|---|---|---|---|---|---|"]
+    for (arch, name), (total, in_loop) in sorted(wide.items(),
+                                                 key=lambda kv: (kv[0][0], bandwidth_label(kv[0][1]))):
+        k = kernels.get((arch, name), Kernel(arch, name))
+        base = bandwidth_kernel(name)
+        threads = BANDWIDTH_THREADS[base]
+        dynamic = GRID_PYRAMID_SHARED_BYTES if base == "grid_pyramid_kernel" else 0
+        ctas = ctas_per_sm(arch, k.registers, threads, dynamic, k.static_shared)
+        rows.append(f"| {arch} | {bandwidth_label(name)} | {k.registers} | {k.local} | {total} | "
+                    f"{in_loop} | {threads} | {ctas_by_registers(k.registers, threads)} | {ctas} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shared_object")
     parser.add_argument("--cuobjdump")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="print the table of the bandwidth-bound kernels (16-byte loads)")
     args = parser.parse_args(argv)
     tool = find_cuobjdump(args.cuobjdump)
     if tool is None:
@@ -194,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: cuobjdump not found", file=sys.stderr)
         return 2
     kernels = read(args.shared_object, tool)
+    if args.bandwidth:
+        print(bandwidth_markdown(kernels, read_wide_loads(args.shared_object, tool)))
+        return 0
     sys.path.insert(0, str(Path(args.shared_object).resolve().parent))
     import importlib.util
     spec = importlib.util.spec_from_file_location("_C", args.shared_object)
