@@ -12,11 +12,12 @@ travels with it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MARK", "actor_class", "is_wrapped", "original_of", "patch_attribute", "wrap_once"]
+__all__ = ["MARK", "actor_class", "is_wrapped", "original_of", "patch_attribute", "temporarily", "wrap_once"]
 
 MARK = "_kawhi_wrapped"
 
@@ -67,3 +68,19 @@ def actor_class(cls: Any) -> Any:
     """The class Ray ships to actor processes for ``cls`` (``@ray.remote`` classes), else ``cls``."""
     meta = getattr(cls, "__ray_metadata__", None)
     return meta.modified_class if meta is not None else cls
+
+
+@contextlib.contextmanager
+def temporarily(owner: Any, name: str, wrapper: Callable[[Callable], Callable]):
+    """Context manager: ``owner.name`` is ``wrapper(original)`` inside, ``original`` again after
+    (also on error). For taps that must only live during one forward (module globals of a
+    model's attention path). AttributeError naming ``owner`` and ``name`` when it is missing."""
+    if not hasattr(owner, name):
+        raise AttributeError(f"temporarily: {getattr(owner, '__name__', owner)!r} has no attribute {name!r} "
+                             "(unsupported version of the patched library?)")
+    original = getattr(owner, name)
+    setattr(owner, name, wrapper(original))
+    try:
+        yield original
+    finally:
+        setattr(owner, name, original)

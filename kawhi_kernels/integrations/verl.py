@@ -34,7 +34,6 @@ importing this module registers ``grpo_kawhi`` when ``verl`` is importable.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from ..credit.paragraphs import paragraph_ids_batch
 from ..credit.pipeline import KAWHI
 from ..credit.weights import paragraph_weights
 from ..ops.cosine_alignment import cosine_alignment
+from ._patching import patch_attribute
 from .distributed import allreduce_head_partial_sums, group_rank_and_size
 from .transformers_capture import QKRecord, capture_qk
 
@@ -243,23 +243,20 @@ def patch_verl_compute_advantage(modules=None) -> None:
         except ImportError:
             pass
     for module in modules:
-        original = module.compute_advantage
-        if getattr(original, "_kawhi_wrapped", False):
-            continue
+        patch_attribute(module, "compute_advantage", _make_compute_advantage)
 
-        @functools.wraps(original)
-        def compute_advantage(data, adv_estimator, *args, _original=original, **kwargs):
-            name = getattr(adv_estimator, "value", adv_estimator)
-            if name != ESTIMATOR_NAME:
-                return _original(data, adv_estimator, *args, **kwargs)
-            if "response_mask" not in data.batch.keys():
-                # verl derives it from the attention mask when the trainer did not store it.
-                return _original(data, adv_estimator, *args, **kwargs)
-            return compute_kawhi_advantage(data, norm_adv_by_std_in_grpo=kwargs.get("norm_adv_by_std_in_grpo"),
-                                           config=kwargs.get("config"))
 
-        compute_advantage._kawhi_wrapped = True
-        module.compute_advantage = compute_advantage
+def _make_compute_advantage(original):
+    def compute_advantage(data, adv_estimator, *args, **kwargs):
+        name = getattr(adv_estimator, "value", adv_estimator)
+        if name != ESTIMATOR_NAME:
+            return original(data, adv_estimator, *args, **kwargs)
+        if "response_mask" not in data.batch.keys():
+            # verl derives it from the attention mask when the trainer did not store it.
+            return original(data, adv_estimator, *args, **kwargs)
+        return compute_kawhi_advantage(data, norm_adv_by_std_in_grpo=kwargs.get("norm_adv_by_std_in_grpo"),
+                                       config=kwargs.get("config"))
+    return compute_advantage
 
 
 # ------------------------------------------------------------------------------ actor-side statistic
