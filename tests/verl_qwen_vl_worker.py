@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 HEADS = [1, 2]
 RESPONSE = 4                                # the "response": each sequence's last 4 tokens
+TAU = 0.2                                   # paragraph-weight temperature of the legacy chain (weights not all 1)
 
 
 # ------------------------------------------------------------------------- flash-kernel stand-ins
@@ -167,7 +168,7 @@ def direct_tap_alpha(family, attn, model, seqs, pixels, grids, position_ids, key
         model(input_ids=ids, attention_mask=None, position_ids=pos, pixel_values=torch.cat(pixels),
               image_grid_thw=torch.cat(grids), use_cache=False)
     assert tap.alpha is not None, "the tap did not fire"
-    return tap.alpha[:total]
+    return tap.alpha[:total], getattr(tap, "seen", None)
 
 
 # ------------------------------------------------------------------------------------ the engine
@@ -250,10 +251,10 @@ def engine_alpha(engine, seqs, pixels, grids, position_ids, key_mask):
 
 
 class CharTokenizer:
-    """ids → characters; ids divisible by 7 decode to a paragraph break."""
+    """ids → characters; ids ≡ 1 (mod 5) decode to a paragraph break."""
 
     def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
-        return "".join("\n\n" if int(i) % 7 == 0 else chr(ord("a") + int(i) % 26) for i in ids)
+        return "".join("\n\n" if int(i) % 5 == 1 else chr(ord("a") + int(i) % 26) for i in ids)
 
 
 def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
@@ -266,7 +267,7 @@ def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine.utils import postprocess_batch_func
 
-    config = OmegaConf.create({"algorithm": {"adv_estimator": "grpo_kawhi", "kawhi": {"heads": HEADS, "seed": 0}},
+    config = OmegaConf.create({"algorithm": {"adv_estimator": "grpo_kawhi", "kawhi": {"heads": HEADS, "seed": 0, "tau": TAU}},
                                "actor_rollout_ref": {"actor": {"calculate_sum_pi_squared": False}}})
     prompt_w, resp_w = max(s.numel() for s in seqs) - RESPONSE + 2, RESPONSE + 2
     outputs = []
@@ -366,13 +367,22 @@ def main(out_path, sp, family, attn, mode):
     result.update(ref_abs_max=float(ref.abs().max()), total=int(ref.numel()))
     if mode == "legacy":
         result.update(legacy_chain(model, tm, seqs, pixels, grids, position_ids, images))
-        result["ref_response"] = [r.tolist() for r in torch.split(ref, [s.numel() for s in seqs])]
+        result["ref_response"] = [r[-RESPONSE:].tolist() for r in torch.split(ref, [s.numel() for s in seqs])]
+        from kawhi_kernels.integrations.rl import response_texts_and_offsets
+        from kawhi_kernels.integrations.verl import kawhi_token_weights_from_alpha
+
+        mask = torch.tensor(result["legacy_response_mask"]).bool()
+        alpha = torch.zeros(mask.shape)
+        alpha[:, :RESPONSE] = torch.tensor(result["ref_response"])
+        texts, offsets = response_texts_and_offsets(CharTokenizer(), torch.tensor(result["legacy_responses"]), mask)
+        result["expected_weights"] = kawhi_token_weights_from_alpha(alpha, mask, texts, offsets, tau=TAU).tolist()
         result["sguf_key_mask"] = [m.tolist() for m in sguf]
     else:
         if sp == 1 or family == "qwen2_5_vl" or attn == "flash":
-            alpha = direct_tap_alpha(family, attn, model, seqs, pixels, grids, position_ids, key_mask, query_mask,
-                                     group, sp)
-            result.update(max_abs_err=float((alpha - ref).abs().max()),
+            alpha, seen = direct_tap_alpha(family, attn, model, seqs, pixels, grids, position_ids, key_mask,
+                                           query_mask, group, sp)
+            result.update(max_abs_err=float((alpha - ref).abs().max()), tap_seen=seen,
+                          num_heads=int(model.config.text_config.num_attention_heads),
                           off_query_zero=bool((alpha[~query_mask] == 0).all()))
         engine = make_engine(model, sp)
         try:

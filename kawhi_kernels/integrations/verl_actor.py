@@ -76,6 +76,7 @@ class _AlphaTap:
         self.sp_group = sp_group
         self.backend = backend
         self.alpha: torch.Tensor | None = None
+        self.seen: tuple[int, int] | None = None       # (tokens, local query heads) the tap saw last
         self._active = False
         self._stack: contextlib.ExitStack | None = None
 
@@ -95,6 +96,7 @@ class _AlphaTap:
         if padded < total:
             raise ValueError(f"key_mask: {total} tokens but the attention saw {padded}")
         rank, size = self._sp_rank_size()
+        self.seen = (int(padded), int(q.shape[1]))
         device = q.device
         key_mask = torch.zeros(padded, dtype=torch.bool, device=device)
         key_mask[:total] = self.key_mask.to(device)

@@ -38,6 +38,21 @@ KEY_MASK_KEY = "kawhi_key_mask"
 _PENDING = contextvars.ContextVar("kawhi_pending_key_masks", default=None)
 
 
+# The wrappers below travel by value inside Ray's copy of AgentLoopWorkerTQ (cloudpickle copies the
+# globals a by-value function names): they reach the ContextVar only through these importable
+# functions, which pickle by reference and resolve to the actor process's own module.
+def _begin_pending(value):
+    return _PENDING.set(value)
+
+
+def _end_pending(token) -> None:
+    _PENDING.reset(token)
+
+
+def _pending():
+    return _PENDING.get()
+
+
 def _enabled(worker) -> bool:
     from .verl import ESTIMATOR_NAME
 
@@ -120,17 +135,17 @@ def _make_agent_loop_postprocess(original):
             return await original(self, output, validate, **kwargs)
         outputs = output if isinstance(output, list) else [output]
         # the raw images, which verl drops from the fields before the TransferQueue put
-        token = _PENDING.set((self, [item.multi_modal_data for item in outputs], kwargs.get("uid")))
+        token = _begin_pending((self, [item.multi_modal_data for item in outputs], kwargs.get("uid")))
         try:
             return await original(self, output, validate, **kwargs)
         finally:
-            _PENDING.reset(token)
+            _end_pending(token)
     return _agent_loop_postprocess
 
 
 def _make_list_of_dict_to_tensordict(original):
     def list_of_dict_to_tensordict(list_of_dicts, *args, **kwargs):
-        pending = _PENDING.get()
+        pending = _pending()
         if pending is not None:
             worker, images, uid = pending
             if len(images) != len(list_of_dicts):
