@@ -663,3 +663,28 @@ def test_hydra_config_needs_plus_prefix_and_kawhi_from_config_reads_it():
     kawhi, layer = kv.kawhi_from_config(cfg.algorithm)
     assert kawhi.weight_params["tau"] == 0.2 and kawhi.heads == [0, 2] and layer == -1
     assert core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator) is kv.compute_grpo_kawhi_advantage
+
+
+# ------------------------------------------------------------------- end to end on CPU: the blockers
+
+
+def test_end_to_end_on_cpu_is_blocked_where_the_recipe_says():
+    """What stops a real verl GRPO step on this CPU-only stack (examples/verl_grpo_kawhi.md, "End to
+    end"): rollout only through inference-server replicas (vLLM / SGLang / TensorRT-LLM, none
+    installable without a GPU), and verl's device layer is CUDA-only without an accelerator."""
+    from verl.workers.rollout import base, replica
+
+    assert sorted(replica.RolloutReplicaRegistry._registry) == ["sglang", "trtllm", "vllm"]
+    assert sorted(name for name, _ in base._ROLLOUT_REGISTRY) == ["sglang", "trtllm", "vllm"]
+    with pytest.raises(ValueError, match="Unknown rollout mode"):
+        replica.get_rollout_replica_class("hf")                 # no in-process HF rollout is registered
+    with pytest.raises(AssertionError, match="not found"):
+        base.get_rollout_class("hf", "async")
+    for name in ("vllm", "trtllm"):                              # (sglang's loader installs vllm mocks: skipped)
+        with pytest.raises(ImportError):
+            replica.RolloutReplicaRegistry.get(name)
+    if not torch.cuda.is_available():
+        from verl.utils.device import get_device_id
+
+        with pytest.raises((AssertionError, RuntimeError)):
+            get_device_id()                                      # FSDPEngine._build_fsdp_module, forward_step

@@ -1,26 +1,32 @@
-"""α as a per-token model output of verl 0.9.1's engine worker, and the v1 trainer fetching it.
+"""α as a per-token model output of verl 0.9.1's engine worker, and both trainers fetching it.
 
 Applied by :mod:`~kawhi_kernels.integrations.verl_plugin` when verl imports the modules concerned
 (so inside the Ray worker and TaskRunner actors too):
 
 * ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` — when the
-  micro-batch carries the non-tensor flag ``kawhi_alpha=True`` (set by the trainer below through
-  ``KVBatchMeta.extra_info``, which verl forwards to the worker as it does ``calculate_entropy``),
-  the policy forward that already runs (the old-log-prob forward) is wrapped with the α tap of the
-  model family: :class:`~kawhi_kernels.integrations.verl_actor.VerlQwen2VLAlphaTap` for Qwen2/2.5-VL
-  under verl's monkey patch (sp = 1 and Ulysses sp > 1), :func:`~kawhi_kernels.integrations.verl.
-  capture_kawhi_alpha` otherwise (transformers' attention interface, e.g. Qwen3-VL; sp = 1);
+  micro-batch carries the non-tensor flag ``kawhi_alpha=True`` (set by the trainers below), the
+  policy forward that already runs (the old-log-prob forward) is wrapped with the α tap of the
+  model family (:mod:`~kawhi_kernels.integrations.verl_actor`): Qwen2/2.5-VL under verl's patch →
+  ``VerlQwen2VLAlphaTap`` (sp ≥ 1); text attention ``flash_attention_2/3`` (e.g. Qwen3-VL) →
+  ``VerlFlashAttentionAlphaTap`` at verl's Ulysses flash path (sp ≥ 1); ``sdpa`` / ``eager`` →
+  :func:`~kawhi_kernels.integrations.verl.capture_kawhi_alpha` (sp = 1; sp > 1 raises
+  ``NotImplementedError``: verl's all-to-all only runs on the flash path);
 * ``FSDPEngineWithLMHead.prepare_model_outputs`` — adds ``kawhi_alpha``: float32 nested (jagged,
   the offsets of ``input_ids``) in verl's predicting-position layout
   (:func:`~kawhi_kernels.integrations.verl.to_verl_token_layout`), like ``entropy`` / ``log_probs``;
-* ``verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_old_log_prob`` — with
-  ``algorithm.adv_estimator=grpo_kawhi`` it sets the flag, runs verl's step, fetches
-  ``kawhi_alpha`` (plus ``response_mask``, ``responses``, ``kawhi_key_mask``) from the TransferQueue,
-  and puts ``kawhi_token_weights`` (nested [B, r]) there for ``_compute_advantage``.
+* v1 ``PPOTrainer._compute_old_log_prob`` (``verl.trainer.ppo.v1.trainer_base``) — with
+  ``algorithm.adv_estimator=grpo_kawhi`` it puts the flags into ``KVBatchMeta.extra_info``, runs
+  verl's step, fetches ``kawhi_alpha`` (plus ``response_mask``, ``responses``, ``kawhi_key_mask``)
+  from the TransferQueue and puts ``kawhi_token_weights`` (nested [B, r]) there;
+* legacy ``RayPPOTrainer._compute_old_log_prob`` (``verl.trainer.ppo.ray_trainer``) — the flags go
+  in ``batch.meta_info`` (verl's ``DataProto.to_tensordict`` makes them non-tensor data of the
+  worker batch); the worker's ``kawhi_alpha`` is padded with verl's ``no_padding_2_padding`` and
+  ``kawhi_token_weights`` [B, R] is returned with the old log-probs.
 
-Worker inputs: ``kawhi_key_mask``, bool nested [B, prompt+response] (jagged like ``input_ids``),
-the SGUF-selected image tokens, put into the TransferQueue with the rollout. The query tokens are
-the last ``len(response_mask[b])`` tokens of each sequence (the response).
+Worker input ``kawhi_key_mask`` (from the agent loop, :mod:`~kawhi_kernels.integrations.verl_agent_loop`):
+bool nested [B, P+R] like ``input_ids`` (v1), or padded [B, P+R] like the legacy ``input_ids``
+(unpadded here with the batch's ``attention_mask``). The query tokens are the last
+``len(response_mask[b])`` tokens of each sequence (the response).
 """
 from __future__ import annotations
 
