@@ -680,9 +680,13 @@ def test_end_to_end_on_cpu_is_blocked_where_the_recipe_says():
         replica.get_rollout_replica_class("hf")                 # no in-process HF rollout is registered
     with pytest.raises(AssertionError, match="not found"):
         base.get_rollout_class("hf", "async")
-    for name in ("vllm", "trtllm"):                              # (sglang's loader installs vllm mocks: skipped)
-        with pytest.raises(ImportError):
-            replica.RolloutReplicaRegistry.get(name)
+    # the replica loaders fail without the servers (sglang's loader installs vllm mocks: not called here)
+    with pytest.raises(ValueError, match="vllm version None not supported"):   # verl/third_party/vllm/__init__.py
+        replica.RolloutReplicaRegistry.get("vllm")
+    trtllm = replica.RolloutReplicaRegistry.get("trtllm")      # loads; its server needs tensorrt_llm (launch_server)
+    assert trtllm.__name__ == "TRTLLMReplica"
+    with pytest.raises(ImportError):
+        import tensorrt_llm  # noqa: F401
     if not torch.cuda.is_available():
         from verl.utils.device import get_device_id
 
