@@ -109,13 +109,23 @@ def _probe_in_actor(runner):
             return {"error": "plugin not loaded by import verl, but loads when asked"}
         except Exception:
             return {"error": traceback.format_exc()}
+    import verl.experimental.agent_loop.agent_loop as al           # what the agent-loop workers import
+    import verl.trainer.ppo.ray_trainer as rt                      # the legacy trainer
+    import verl.trainer.ppo.v1.agent_loop_tq as alt
+
+    from kawhi_kernels.integrations._patching import actor_class, is_wrapped
+
     return {
         "pid": os.getpid(),
         "registered": None if fn is None else f"{fn.__module__}.{fn.__qualname__}",
-        "v1_advantage_patched": bool(getattr(tb.PPOTrainer._compute_advantage, "_kawhi_wrapped", False)),
-        "v1_multi_patched": bool(getattr(tb.compute_advantage_for_multi_trajectories, "_kawhi_wrapped", False)),
-        "v1_old_log_prob_patched": bool(getattr(tb.PPOTrainer._compute_old_log_prob, "_kawhi_wrapped", False)),
-        "engine_patched": bool(getattr(ti.FSDPEngineWithLMHead.forward_step, "_kawhi_wrapped", False)),
+        "v1_advantage_patched": is_wrapped(tb.PPOTrainer._compute_advantage),
+        "v1_multi_patched": is_wrapped(tb.compute_advantage_for_multi_trajectories),
+        "v1_old_log_prob_patched": is_wrapped(tb.PPOTrainer._compute_old_log_prob),
+        "engine_patched": is_wrapped(ti.FSDPEngineWithLMHead.forward_step),
+        "legacy_patched": is_wrapped(rt.RayPPOTrainer._compute_old_log_prob) and is_wrapped(rt.compute_advantage),
+        "agent_loop_patched": is_wrapped(al.AgentLoopWorker._postprocess)
+        and is_wrapped(actor_class(alt.AgentLoopWorkerTQ)._agent_loop_postprocess)
+        and is_wrapped(alt.list_of_dict_to_tensordict),
         "status": plugin.plugin_status(),
     }
 
@@ -131,6 +141,7 @@ def test_registration_inside_task_runner_actor(ray_session):
     assert seen["registered"] == "kawhi_kernels.integrations.verl.compute_grpo_kawhi_advantage"
     assert seen["v1_advantage_patched"] and seen["v1_multi_patched"]
     assert seen["v1_old_log_prob_patched"] and seen["engine_patched"]
+    assert seen["legacy_patched"] and seen["agent_loop_patched"]
     assert set(seen["status"].values()) == {"ok"}, seen["status"]
 
 
