@@ -546,8 +546,10 @@ def test_qwen3_vl_alpha_ulysses_sp2_equals_sp1_and_sdpa_refused(tmp_path):
 def test_legacy_trainer_chain_agent_loop_to_weights(tmp_path):
     """Legacy trainer (trainer.use_v1=false), real verl code end to end on the actor side:
     AgentLoopWorker._postprocess (kawhi_key_mask [B, P+R] from the raw images) →
-    RayPPOTrainer._compute_old_log_prob (α flags in meta_info → the engine's forward_step →
-    verl's postprocess_batch_func → no_padding_2_padding) → kawhi_token_weights [B, R]."""
+    RayPPOTrainer._compute_old_log_prob (α flags in meta_info → the engine's infer_batch with dynamic
+    batch size: verl's rearrange_micro_batches splits the two sequences into two micro-batches, each
+    through forward_step; postprocess_batch_func restores the order → no_padding_2_padding) →
+    kawhi_token_weights [B, R]."""
     result = _run_worker(tmp_path, 1, "qwen2_5_vl", "sdpa", "legacy")
     key = torch.tensor(result["legacy_key_mask"])
     attention = torch.tensor(result["legacy_attention_mask"]).bool()
@@ -557,6 +559,7 @@ def test_legacy_trainer_chain_agent_loop_to_weights(tmp_path):
         assert key[b][attention[b]].tolist() == expected
     assert key.any() and not key.all()
     assert result["legacy_flags"] == {"kawhi_alpha": True, "kawhi_heads": "1,2", "kawhi_layer": -1}
+    assert result["legacy_model_forwards"] == 2        # one forward per micro-batch, no extra pass
     assert not any(k.startswith("kawhi") for k in result["legacy_meta_after"])   # ref / update passes do not tap
     assert result["legacy_old_keys"] == ["entropys", "kawhi_token_weights", "old_log_probs"]
     weights, expected = torch.tensor(result["legacy_weights"]), torch.tensor(result["expected_weights"])

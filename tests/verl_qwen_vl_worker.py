@@ -64,6 +64,7 @@ def install_flash_stand_ins(family, attn):
     import verl.models.transformers.qwen2_vl as vq
 
     vq.flash_attn_varlen_func = sdpa_varlen
+    vq._flash_attention_forward = sdpa_flash_attention_forward   # verl's branch for one unpacked sequence
     vq._flash_supports_window_size = False
     vq._flash_supports_deterministic = False
     vq._flash_use_top_left_mask = False
@@ -265,7 +266,6 @@ def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopWorker, _InternalAgentLoopOutput
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
     from verl.utils import tensordict_utils as tu
-    from verl.workers.engine.utils import postprocess_batch_func
 
     config = OmegaConf.create({"algorithm": {"adv_estimator": "grpo_kawhi", "kawhi": {"heads": HEADS, "seed": 0, "tau": TAU}},
                                "actor_rollout_ref": {"actor": {"calculate_sum_pi_squared": False}}})
@@ -300,11 +300,33 @@ def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
 
     engine = make_engine(model, 1)
 
+    import torch.distributed as dist
+
+    if not dist.is_initialized():                     # verl's engine all-reduces token counts over dp
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    engine.ulysses_device_mesh = None
+    import verl.utils.seqlen_balancing as balancing
+
+    balancing.get_device_name = lambda: "cpu"         # CUDA-only without an accelerator, as in make_engine
+
     class EngineWorkerGroup:                          # the actor worker's compute_log_prob, in-process
         def compute_log_prob(self, data):
-            tu.assign_non_tensor(data, use_remove_padding=True, use_dynamic_bsz=False)
-            _, out = engine.forward_step(data, loss_function=None, forward_only=True)
-            output = postprocess_batch_func([out], None, data)
+            # TrainingWorker.infer_batch's defaults, with dynamic batch size and a token budget that
+            # splits the two sequences into two micro-batches (verl's rearrange_micro_batches)
+            tu.assign_non_tensor(data, use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=20,
+                                 use_fused_kernels=False)
+            forwards = []
+            hook = engine.module.register_forward_hook(lambda *_: forwards.append(1))
+            try:
+                output = engine.infer_batch(data, loss_function=None)   # forward_backward_batch → forward_step × 2
+            finally:
+                hook.remove()
+            self.forwards = len(forwards)
             td = tu.get_tensordict(output["model_output"], non_tensor_dict={"metrics": {"mfu": 0.0}})
             self.flags = {k: tu.get(data, k) for k in ("kawhi_alpha", "kawhi_heads", "kawhi_layer")}
             return td
@@ -320,6 +342,7 @@ def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
                 legacy_weights=old_log_prob.batch["kawhi_token_weights"].tolist(),
                 legacy_old_keys=sorted(old_log_prob.batch.keys()),
                 legacy_flags=trainer.actor_rollout_wg.flags,
+                legacy_model_forwards=trainer.actor_rollout_wg.forwards,
                 legacy_meta_after=sorted(batch.meta_info.keys()),
                 legacy_responses=batch.batch["responses"].tolist(),
                 legacy_response_mask=batch.batch["response_mask"].tolist())
