@@ -682,7 +682,7 @@ def test_hydra_config_needs_plus_prefix_and_kawhi_from_config_reads_it():
 # ------------------------------------------------------------------- end to end on CPU: the blockers
 
 
-def test_end_to_end_on_cpu_is_blocked_where_the_recipe_says():
+def test_end_to_end_on_cpu_is_blocked_where_the_recipe_says(ray_session):
     """What stops a real verl GRPO step on this CPU-only stack (examples/verl_grpo_kawhi.md, "End to
     end"): rollout only through inference-server replicas (vLLM / SGLang / TensorRT-LLM, none
     installable without a GPU), and verl's device layer is CUDA-only without an accelerator."""
@@ -702,7 +702,12 @@ def test_end_to_end_on_cpu_is_blocked_where_the_recipe_says():
     with pytest.raises(ImportError):
         import tensorrt_llm  # noqa: F401
     if not torch.cuda.is_available():
+        from verl.single_controller.ray.base import ResourcePoolManager
         from verl.utils.device import get_device_id
 
         with pytest.raises((AssertionError, RuntimeError)):
             get_device_id()                                      # FSDPEngine._build_fsdp_module, forward_step
+        # what main_ppo hit first here: the trainer's resource pools always ask Ray for GPUs
+        pools = ResourcePoolManager(resource_pool_spec={"global_pool": [1]}, mapping={})
+        with pytest.raises(ValueError, match="Total available GPUs 0 is less than total desired GPUs 1"):
+            pools.create_resource_pool()
