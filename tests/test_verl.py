@@ -271,6 +271,18 @@ def test_wrap_once_patch_attribute_and_temporarily():
             raise RuntimeError("boom")
     assert module.g() == "orig"                                      # restored on error too
 
+    class Group:
+        def call(self):
+            return "class"
+    group = Group()
+    with temporarily(group, "call", lambda original: lambda: "tapped " + original()):
+        assert group.call() == "tapped class"
+    assert "call" not in vars(group) and group.call() == "class"     # no instance attribute left behind
+    group.call = lambda: "instance"                                  # an instance attribute (verl's worker groups)
+    with temporarily(group, "call", lambda original: lambda: "tapped " + original()):
+        assert group.call() == "tapped instance"
+    assert group.call() == "instance"
+
 
 def test_actor_class_is_the_class_ray_ships():
     from kawhi_kernels.integrations._patching import actor_class

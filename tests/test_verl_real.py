@@ -560,6 +560,7 @@ def test_legacy_trainer_chain_agent_loop_to_weights(tmp_path):
     assert key.any() and not key.all()
     assert result["legacy_flags"] == {"kawhi_alpha": True, "kawhi_heads": "1,2", "kawhi_layer": -1}
     assert result["legacy_model_forwards"] == 2        # one forward per micro-batch, no extra pass
+    assert result["legacy_group_restored"]             # the worker group's own compute_log_prob again
     assert not any(k.startswith("kawhi") for k in result["legacy_meta_after"])   # ref / update passes do not tap
     assert result["legacy_old_keys"] == ["entropys", "kawhi_token_weights", "old_log_probs"]
     weights, expected = torch.tensor(result["legacy_weights"]), torch.tensor(result["expected_weights"])

@@ -343,6 +343,7 @@ def legacy_chain(model, tm, seqs, pixels, grids, position_ids, images):
                 legacy_old_keys=sorted(old_log_prob.batch.keys()),
                 legacy_flags=trainer.actor_rollout_wg.flags,
                 legacy_model_forwards=trainer.actor_rollout_wg.forwards,
+                legacy_group_restored="compute_log_prob" not in vars(trainer.actor_rollout_wg),
                 legacy_meta_after=sorted(batch.meta_info.keys()),
                 legacy_responses=batch.batch["responses"].tolist(),
                 legacy_response_mask=batch.batch["response_mask"].tolist())

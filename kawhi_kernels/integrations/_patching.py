@@ -73,14 +73,20 @@ def actor_class(cls: Any) -> Any:
 @contextlib.contextmanager
 def temporarily(owner: Any, name: str, wrapper: Callable[[Callable], Callable]):
     """Context manager: ``owner.name`` is ``wrapper(original)`` inside, ``original`` again after
-    (also on error). For taps that must only live during one forward (module globals of a
-    model's attention path). AttributeError naming ``owner`` and ``name`` when it is missing."""
+    (also on error). For taps that must only live during one call (module globals of a model's
+    attention path, a worker group's method). When ``owner`` is an instance whose attribute comes
+    from its class, the instance attribute is removed again afterwards. AttributeError naming
+    ``owner`` and ``name`` when it is missing."""
     if not hasattr(owner, name):
         raise AttributeError(f"temporarily: {getattr(owner, '__name__', owner)!r} has no attribute {name!r} "
                              "(unsupported version of the patched library?)")
     original = getattr(owner, name)
+    own = name in getattr(owner, "__dict__", {name: None})   # an instance shadowing a class method?
     setattr(owner, name, wrapper(original))
     try:
         yield original
     finally:
-        setattr(owner, name, original)
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)                             # the class attribute shows through again

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ._patching import patch_attribute
+from ._patching import patch_attribute, temporarily
 
 __all__ = ["ALPHA_KEY", "FLAG_KEY", "KEY_MASK_KEY", "patch_engine", "patch_legacy_old_log_prob", "patch_v1_old_log_prob"]
 
@@ -273,25 +273,20 @@ def _make_legacy_old_log_prob(module):
                 raise KeyError(f"'{KEY_MASK_KEY}' is not in the rollout batch: grpo_kawhi needs the SGUF key mask "
                                "[B, prompt+response] from the agent loop (patched by the kawhi-kernels plugin)")
             flags = _flags(algorithm)
-            group = self.actor_rollout_wg
-            own = "compute_log_prob" in vars(group)
-            worker_call = group.compute_log_prob
             seen = {}
 
-            def compute_log_prob(data, *args, **kwargs):     # the worker group's own call, output kept
-                output = worker_call(data, *args, **kwargs)
-                seen["alpha"], seen["data"] = tu.get(output, ALPHA_KEY), data
-                return output
+            def keep_alpha(worker_call):               # the worker group's own call, its α kept
+                def compute_log_prob(data, *args, **kwargs):
+                    output = worker_call(data, *args, **kwargs)
+                    seen["alpha"], seen["data"] = tu.get(output, ALPHA_KEY), data
+                    return output
+                return compute_log_prob
 
             batch.meta_info.update(flags)                      # → non-tensor data of the worker's batch
-            group.compute_log_prob = compute_log_prob
             try:
-                old_log_prob, mfu = original(self, batch)
+                with temporarily(self.actor_rollout_wg, "compute_log_prob", keep_alpha):
+                    old_log_prob, mfu = original(self, batch)
             finally:
-                if own:
-                    group.compute_log_prob = worker_call
-                else:
-                    del group.compute_log_prob
                 for key in flags:
                     batch.meta_info.pop(key, None)
             if seen.get("alpha") is None:
