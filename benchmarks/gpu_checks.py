@@ -11,7 +11,10 @@ subset, 16 segments per sequence (one empty, some rows ignored) atomic and deter
 deterministic result bit-identical over repeated runs, and ``lse`` from SDPA's own flash kernel
 (units checked against a logsumexp: natural log vs log2). Then a small layout with rows that
 see no key, a sequence without rows and one without keys, and an empty segment: no NaN, zeros
-where the contract says so. cosine_alignment per backend on the same inputs.
+where the contract says so. cosine_alignment per backend on the same inputs. Then grid_pyramid
+on Qwen-like image grids (ragged cells, non-dividing cell sizes, a frame the CUDA kernel cuts
+into strips) and cosine_alignment on layouts that take the CUDA scalar fallbacks (odd head dim,
+unaligned rows), fp32 and bf16, every backend against the fp64 reference.
 
 Section "plan" (phase 3, GPU only): ``AttentionMassPlan``/``CosineAlignmentPlan.run`` with the
 CUDA backend (the Triton one is covered by tests/test_plan.py's GPU test) and Triton with an lse,
@@ -41,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kawhi_kernels import (AttentionMassPlan, CosineAlignmentPlan, attention_mass,  # noqa: E402
-                           cosine_alignment, vision_critical_heads)
+                           cosine_alignment, grid_pyramid, vision_critical_heads)
 from kawhi_kernels._backend import available_backends  # noqa: E402
 from kawhi_kernels.bench.accuracy import attention_lse  # noqa: E402
 from kawhi_kernels.bench.flash_lse import lse_units, sdpa_flash_lse, to_natural_log  # noqa: E402
@@ -294,6 +297,71 @@ def correctness(rec: Recorder, device: torch.device, budget: float) -> None:
         if gpu:
             torch.cuda.empty_cache()
     edge_cases(rec, device, backends, interpreter)
+    layout_cases(rec, device, backends, interpreter)
+
+
+def layout_cases(rec: Recorder, device: torch.device, backends: dict, interpreter: bool) -> None:
+    """grid_pyramid on Qwen-like image grids (several images, a video, ragged edges, cell sizes
+    that do not divide each other, a frame cut into strips by the CUDA kernel) and
+    cosine_alignment on layouts that take the kernels' scalar fallbacks (odd head dim, rows not
+    16-byte aligned), each backend against the fp64 reference, bf16 included."""
+    gpu = device.type == "cuda"
+    gen = torch.Generator().manual_seed(11)
+    grids = [[1, 36, 28], [2, 18, 24], [1, 7, 13], [1, 160, 96]] if gpu else [[1, 6, 5], [2, 3, 4]]
+    n = sum(t * h * w for t, h, w in grids)
+    lead = (256, 9) if gpu else (4, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        mass = (torch.rand(*lead, n + 1, generator=gen) / n).to(device, dtype)[..., 1:]
+        for backend, skip in backends.items():
+            if skip is None and backend == "triton" and not gpu and (
+                    dtype != torch.float32 or not interpreter):
+                skip = "skipped: Triton on CPU: interpreter, fp32 only"
+            if skip is not None:
+                rec.add(check="grid_pyramid", model="image grids", dtype=DTYPE_NAMES[dtype],
+                        backend=backend, status=skip)
+                continue
+
+            def pyramid(backend=backend, mass=mass):
+                worst_a, worst_r, ok_all, details = 0.0, 0.0, True, []
+                for levels in (3, [1, 3, 6], [2, 5, 160]):
+                    want = grid_pyramid(mass.double(), grids, levels, backend="torch")
+                    got = grid_pyramid(mass, grids, levels, backend=backend)
+                    for s, a, b in zip(range(len(want)), got, want):
+                        ok, ea, er, d = compare(a, b.float(), 1e-6, 1e-5)
+                        ok_all &= ok
+                        worst_a, worst_r = max(worst_a, ea), max(worst_r, er)
+                        if not ok:
+                            details.append(f"levels {levels} #{s}: {d or 'outside tolerance'}")
+                return ok_all, worst_a, worst_r, "; ".join(details) or f"grids {grids}", (1e-6, 1e-5)
+            run_check(rec, "grid_pyramid", "image grids", dtype, backend, pyramid)
+
+    hq, hk = 28, 4
+    for dtype in (torch.float32, torch.bfloat16):
+        for d, offset in ((100, 0), (128, 1), (64, 0)):
+            total = 300 if gpu else 40
+            full_q = torch.randn(total, hq, d + offset, generator=gen).to(device, dtype)
+            q = full_q[..., offset:]                       # offset 1: rows not 16-byte aligned
+            k = torch.randn(total, hk, d + 1, generator=gen).to(device, dtype)[..., 1:]  # unaligned
+            cu = torch.tensor([0, total // 3, total], dtype=torch.int32, device=device)
+            region = torch.randint(-1, 5, (total,), generator=gen, dtype=torch.int32).to(device)
+            ref = cosine_alignment(q.double(), k.double(), cu, cu, region, 5, heads=[0, 5, 27],
+                                   per_head=True, backend="torch")
+            tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-3, 2e-2)
+            for backend, skip in backends.items():
+                if skip is None and backend == "triton" and not gpu and (
+                        dtype != torch.float32 or not interpreter):
+                    skip = "skipped: Triton on CPU: interpreter, fp32 only"
+                label = f"cosine_alignment D={d} q offset={offset} k offset=1"
+                if skip is not None:
+                    rec.add(check=label, model="28/4", dtype=DTYPE_NAMES[dtype], backend=backend,
+                            status=skip)
+                    continue
+
+                def cosine(backend=backend, q=q, k=k, cu=cu, region=region, ref=ref, tol=tol):
+                    out = cosine_alignment(q, k, cu, cu, region, 5, heads=[0, 5, 27],
+                                           per_head=True, backend=backend)
+                    return (*compare(out, ref.float(), *tol), tol)
+                run_check(rec, label, "28/4", dtype, backend, cosine)
 
 
 def lse_check(rec: Recorder, lay: Layout, model: str, dtype, q, k):

@@ -11,8 +11,10 @@
 #
 # Cases (all tiny): attention_mass per-row / segment atomic / segment deterministic / given lse,
 # in fp32, fp16 and bf16, GQA 4:1 and 7:1, a row with no visible key, a sequence without keys;
-# cosine_alignment per-head and mean; SGUF descriptors on a 28-px grid and on an image smaller
-# than the Gaussian halo.
+# cosine_alignment per-head and mean, on aligned rows (16-byte loads) and on unaligned rows / an
+# odd head dim (scalar fallback); grid_pyramid on ragged grids with non-dividing cell sizes,
+# unaligned rows, and a frame cut into strips; SGUF descriptors on a 28-px grid and on an image
+# smaller than the Gaussian halo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,9 +57,11 @@ import sys
 
 import torch
 
-from kawhi_kernels.cuda import attention_mass_cuda, cosine_alignment_cuda, patch_descriptors_cuda
+from kawhi_kernels.cuda import (attention_mass_cuda, cosine_alignment_cuda, grid_pyramid_cuda,
+                                patch_descriptors_cuda)
 from kawhi_kernels.reference.attention_mass import attention_mass_reference
 from kawhi_kernels.reference.cosine_alignment import cosine_alignment_reference
+from kawhi_kernels.reference.grid_pyramid import grid_pyramid_reference
 from kawhi_kernels.regions import patch_descriptors
 
 dev = torch.device("cuda")
@@ -101,6 +105,22 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             want = cosine_alignment_reference(q, k, cu_q, cu_k, region, 4, heads=heads, per_head=per_head)
             got = cosine_alignment_cuda(q, k, cu_q, cu_k, region, 4, heads=heads, per_head=per_head)
             close(f"cosine_alignment per_head={per_head} {tag}", got, want, atol=2e-6, rtol=2e-5)
+for dtype in (torch.float32, torch.bfloat16):
+    for d, offset in ((100, 0), (64, 1)):              # odd head dim / unaligned rows: scalar path
+        q = torch.randn(19, 8, d + offset, generator=g).to(dev, dtype)[..., offset:]
+        k = torch.randn(20, 2, d + offset, generator=g).to(dev, dtype)[..., offset:]
+        for per_head in (False, True):
+            want = cosine_alignment_reference(q, k, cu_q, cu_k, region, 4, heads=[7, 0], per_head=per_head)
+            got = cosine_alignment_cuda(q, k, cu_q, cu_k, region, 4, heads=[7, 0], per_head=per_head)
+            close(f"cosine_alignment fallback d={d} offset={offset} per_head={per_head} {str(dtype)[6:]}",
+                  got, want, atol=2e-6, rtol=2e-5)
+    for grids, levels in (([[1, 5, 7], [2, 3, 3], [1, 13, 17]], [3, 2, 6, 1, 5]),
+                          ([[1, 120, 110]], [1, 2, 4, 8])):   # 13200 tokens: cut into strips
+        n = sum(t * h * w for t, h, w in grids)
+        mass = torch.rand(3, n + 1, generator=g).to(dev, dtype)[:, 1:]   # rows not 16-byte aligned
+        want = grid_pyramid_reference(mass, torch.tensor(grids), levels)
+        for i, (a, b) in enumerate(zip(grid_pyramid_cuda(mass, torch.tensor(grids), levels), want)):
+            close(f"grid_pyramid {grids[0]} level {levels[i]} {str(dtype)[6:]}", a, b, atol=1e-3, rtol=1e-5)
 for shape, grid in (((56, 84), (2, 3)), ((3, 6), (1, 2))):
     img = torch.randint(0, 256, (2, *shape, 3), generator=g, dtype=torch.uint8).to(dev)
     want = patch_descriptors(img, grid)

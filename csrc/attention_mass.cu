@@ -1,7 +1,8 @@
 // attention_mass: softmax probability mass of query rows on key regions (see ops.h).
-// This file: the launcher, and the warp-per-row kernel that serves fp32 inputs, deterministic
-// segment sums and head dims the tensor-core kernel (attention_mass_mma.cu, slots_per_cta > 0)
-// does not take.
+// This file: the launcher (output and partial zeroing, kernel choice, the deterministic
+// reduction of partial rows for both kernels), and the warp-per-row kernel that serves fp32
+// inputs and head dims the tensor-core kernels (attention_mass_mma.cu, slots_per_cta > 0) do
+// not take. Both kernels read one MassKernelParams (attention_mass_params.h).
 //
 // One warp per (row block, output slot); a thread block holds kMassWarps warps of consecutive row
 // blocks for one slot (independent warps, no shared memory: one-warp blocks would cap occupancy
@@ -18,30 +19,12 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention_mass_params.h"
 #include "common.cuh"
 #include "ops.h"
 
 namespace kawhi {
 namespace {
-
-enum OutMode : int { kOutRows = 0, kOutSegmentAtomic = 1, kOutPartial = 2 };
-
-struct MassKernelParams {
-  const void* q;
-  const void* k;
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  const int32_t* key_region;
-  const int32_t* heads;
-  const int32_t* row_blocks;
-  const float* lse;
-  float* target;  // out (kOutRows, kOutSegmentAtomic) or partial (kOutPartial)
-  int64_t hq, hk, head_dim, num_seqs, num_regions, num_heads, num_targets, num_row_blocks;
-  int64_t q_stride_t, q_stride_h, k_stride_t, k_stride_h, lse_stride_h, lse_stride_t;
-  float scale;
-  int causal;
-  int out_mode;
-};
 
 // Add `value` to target[region] of the warp's current output row (lane 0 writes).
 __device__ __forceinline__ void flush_run(float* row_out, int region, float value, int out_mode,
@@ -170,7 +153,8 @@ constexpr int64_t kMaxReduceBlocks = 65535;
 }  // namespace
 
 // The tensor-core kernel (attention_mass_mma.cu), chosen by slots_per_cta > 0.
-void launch_attention_mass_mma(const AttentionMassArgs& a, cudaStream_t stream);
+void launch_attention_mass_mma(const MassKernelParams& p, const AttentionMassArgs& a,
+                               cudaStream_t stream);
 
 void launch_attention_mass(const AttentionMassArgs& a) {
   validate(a);
@@ -178,7 +162,6 @@ void launch_attention_mass(const AttentionMassArgs& a) {
   const cudaStream_t stream = as_stream(a.stream);
   const int64_t row_elems = a.num_heads * a.num_regions;
   const int64_t out_rows = a.segmented ? a.num_segments : a.total_q;
-  const bool partial = a.segmented && a.deterministic;
 
   float* out = reinterpret_cast<float*>(a.out);
   if (out_rows * row_elems > 0) {
@@ -186,60 +169,25 @@ void launch_attention_mass(const AttentionMassArgs& a) {
                      "attention_mass (zero out)");
   }
   if (row_elems == 0 || out_rows == 0 || a.num_row_blocks == 0) return;
-  if (a.slots_per_cta > 0) {  // fp16/bf16, head_dim % 16 == 0, not deterministic (validated)
-    launch_attention_mass_mma(a, stream);
-    return;
-  }
 
-  MassKernelParams p{};
-  p.q = reinterpret_cast<const void*>(a.q);
-  p.k = reinterpret_cast<const void*>(a.k);
-  p.cu_q = reinterpret_cast<const int32_t*>(a.cu_seqlens_q);
-  p.cu_k = reinterpret_cast<const int32_t*>(a.cu_seqlens_k);
-  p.key_region = reinterpret_cast<const int32_t*>(a.key_region);
-  p.heads = reinterpret_cast<const int32_t*>(a.heads);
-  p.row_blocks = reinterpret_cast<const int32_t*>(a.row_blocks);
-  p.lse = reinterpret_cast<const float*>(a.lse);
-  p.hq = a.hq;
-  p.hk = a.hk;
-  p.head_dim = a.head_dim;
-  p.num_seqs = a.num_seqs;
-  p.num_row_blocks = a.num_row_blocks;
-  p.num_regions = a.num_regions;
-  p.num_heads = a.num_heads;
-  p.q_stride_t = a.q_stride_t;
-  p.q_stride_h = a.q_stride_h;
-  p.k_stride_t = a.k_stride_t;
-  p.k_stride_h = a.k_stride_h;
-  p.lse_stride_h = a.lse_stride_h;
-  p.lse_stride_t = a.lse_stride_t;
-  p.scale = static_cast<float>(a.softmax_scale);
-  p.causal = a.causal ? 1 : 0;
-  if (!a.segmented) {
-    p.out_mode = kOutRows;
-    p.target = out;
-    p.num_targets = a.total_q;
-  } else if (!partial) {
-    p.out_mode = kOutSegmentAtomic;
-    p.target = out;
-    p.num_targets = a.num_segments;
-  } else {
-    p.out_mode = kOutPartial;
-    p.target = reinterpret_cast<float*>(a.partial);
-    p.num_targets = a.num_row_blocks;
+  const MassKernelParams p = make_mass_params(a);
+  if (p.out_mode == kOutPartial) {
     KAWHI_CUDA_CHECK(cudaMemsetAsync(p.target, 0, sizeof(float) * a.num_row_blocks * row_elems,
                                      stream),
                      "attention_mass (zero partial)");
   }
+  if (a.slots_per_cta > 0) {  // fp16/bf16, head_dim % 16 == 0 (validated)
+    launch_attention_mass_mma(p, a, stream);
+  } else {
+    const dim3 grid(blocks_for(a.num_row_blocks, kMassWarps), static_cast<unsigned>(a.num_heads));
+    dispatch_dtype(a.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      attention_mass_kernel<T><<<grid, kMassWarps * kWarpSize, 0, stream>>>(p);
+    });
+    KAWHI_CHECK_LAUNCH("attention_mass_kernel");
+  }
 
-  const dim3 grid(blocks_for(a.num_row_blocks, kMassWarps), static_cast<unsigned>(a.num_heads));
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    attention_mass_kernel<T><<<grid, kMassWarps * kWarpSize, 0, stream>>>(p);
-  });
-  KAWHI_CHECK_LAUNCH("attention_mass_kernel");
-
-  if (partial) {
+  if (p.out_mode == kOutPartial) {
     const int64_t total = a.num_segments * row_elems;
     // Grid-stride loop: at most kMaxReduceBlocks blocks (capped in int64, before narrowing).
     const unsigned blocks = static_cast<unsigned>(

@@ -11,6 +11,8 @@
 //   C/D (16 x 8 fp32) c0..c3: c0, c1 (g, 2t + {0, 1}), c2, c3 (g + 8, 2t + {0, 1});
 //   ldmatrix x4: lane l supplies the address of row l % 8 of matrix l / 8 and receives, in
 //       reg j, the two elements (row g, cols 2t, 2t + 1) of matrix j.
+//   second MMA (mass): P as the A operand straight from the score accumulators (p_a_source),
+//       times a one-hot B built in registers (one_hot_key / one_hot_col).
 // Pure C++ (no CUDA headers): the host compiler builds it into the module's test helpers.
 #pragma once
 
@@ -25,19 +27,35 @@
 namespace kawhi {
 namespace mma {
 
+#ifndef KAWHI_MMA_STAGES
+// K ring depth. 3 stages: define it for the host and the CUDA compiler alike (module.cpp exposes
+// shared_bytes), e.g. KAWHI_CMAKE_ARGS="-DCMAKE_CXX_FLAGS=-DKAWHI_MMA_STAGES=3
+// -DCMAKE_CUDA_FLAGS=-DKAWHI_MMA_STAGES=3" for setup.py.
+#define KAWHI_MMA_STAGES 2
+#endif
+
 constexpr int kWarpThreads = 32;
 constexpr int kTileKeys = 64;     // keys per K tile (8 n-tiles of 8 per warp)
 constexpr int kWarpRows = 16;     // M rows per warp (one m16 tile)
 constexpr int kWarps = 4;         // warps per CTA
 constexpr int kChunkHalves = 8;   // 16-byte chunk of a shared-memory K row, in 16-bit elements
-constexpr int kStages = 2;        // K ring stages (cp.async double buffering)
+constexpr int kStages = KAWHI_MMA_STAGES;  // K ring stages (cp.async pipeline depth)
+static_assert(kStages == 2 || kStages == 3, "KAWHI_MMA_STAGES: 2 or 3");
 constexpr int kMaxFlagTiles = 512;  // key tiles with a region bitmap (32k keys); beyond: visited
+// Regions up to this many take the coarse kernel: the mass of a warp's 16 rows on every region
+// stays in one fp32 [16 x 64] accumulator (8 n-tiles of the second MMA) for the whole pass.
+constexpr int kCoarseMaxRegions = 64;
+// P (in [0, 1]) enters the second MMA as fp16 hi + lo parts of P * kMassScale (2^15: the largest
+// value, 32768, is an fp16 number and probabilities down to 2^-39 stay normal in fp16); the
+// accumulator is multiplied by 1 / kMassScale, exactly, when it is written out.
+constexpr float kMassScale = 32768.0f;
 
 // Dynamic shared memory of the kernel for K rows padded to max_d 16-bit elements: the K ring,
-// the ring's region ids (int32) and the tile bitmap (bytes).
+// the ring's region ids (int32) and one-hot columns (int8), the per-warp column sums (fp32) and
+// the tile bitmap (bytes).
 KAWHI_HD constexpr int64_t shared_bytes(int max_d) {
   return int64_t{2} * kStages * kTileKeys * max_d + int64_t{4} * kStages * kTileKeys +
-         kMaxFlagTiles;
+         int64_t{4} * kWarps * kTileKeys + int64_t{1} * kStages * kTileKeys + kMaxFlagTiles;
 }
 
 struct RowCol {
@@ -102,6 +120,35 @@ KAWHI_HD constexpr RowCol warp_assignment(int warp, int slots_per_cta) {
 // Rows of a CTA's row block for `slots_per_cta` slots.
 KAWHI_HD constexpr int block_rows_for(int slots_per_cta) {
   return kWarpRows * (kWarps / slots_per_cta);
+}
+
+// The second MMA (region mass = P x one-hot): A register r (0..3) of k-chunk kc (keys
+// 16 kc .. 16 kc + 15) of P, which sits in the score accumulators acc[n-tile][element] of the
+// first MMA, is the pair (acc[row][col], acc[row][col + 1]) with {row: n-tile, col: element}
+// returned here (FlashAttention-2's register reuse: C and A fragments share rows and columns).
+KAWHI_HD constexpr RowCol p_a_source(int kc, int r) { return RowCol{2 * kc + r / 2, (r % 2) * 2}; }
+
+// One-hot B operand of the second MMA: half h of B register r of lane, for k-chunk kc and
+// region n-tile rt, is 1 when the one-hot column of key one_hot_key(...) is one_hot_col(...).
+KAWHI_HD constexpr int one_hot_key(int lane, int kc, int r, int h) {
+  return kc * 16 + b_coord(lane, r, h).row;
+}
+KAWHI_HD constexpr int one_hot_col(int lane, int rt) { return rt * 8 + b_coord(lane, 0, 0).col; }
+
+// Region n-tiles (8 columns each) the coarse kernel's second MMA covers for R regions.
+KAWHI_HD constexpr int region_ntiles(int64_t num_regions) {
+  return static_cast<int>((num_regions + 7) / 8);
+}
+
+// Scatter kernel (R > kCoarseMaxRegions): the one-hot column of key `key` of a tile is the first
+// key of the tile with the same region (-1 for keys without one), so every region of the tile
+// owns one accumulator column. Host form of the rule the kernel evaluates with warp
+// intrinsics (attention_mass_mma.cu: scatter_column), for tests.
+inline int scatter_column_host(const int32_t* tile_region, int key) {
+  if (tile_region[key] < 0) return -1;
+  int j = 0;
+  while (tile_region[j] != tile_region[key]) ++j;
+  return j;
 }
 
 }  // namespace mma

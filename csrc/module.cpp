@@ -4,10 +4,12 @@
 // numpy arrays (host) or raw pointers; the CUDA runtime, when built in, is linked statically.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "mma_layout.h"
 #include "ops.h"
@@ -169,9 +171,11 @@ py::list op_fields(const std::string& op) {
     KAWHI_COSINE_ALIGNMENT_FIELDS(KAWHI_FIELD_ROW)
   } else if (op == "sguf_descriptors") {
     KAWHI_SGUF_DESCRIPTOR_FIELDS(KAWHI_FIELD_ROW)
+  } else if (op == "grid_pyramid") {
+    KAWHI_GRID_PYRAMID_FIELDS(KAWHI_FIELD_ROW)
   } else {
-    throw py::value_error("op: expected 'attention_mass', 'cosine_alignment' or "
-                          "'sguf_descriptors', got '" + op + "'");
+    throw py::value_error("op: expected 'attention_mass', 'cosine_alignment', "
+                          "'sguf_descriptors' or 'grid_pyramid', got '" + op + "'");
   }
   return rows;
 }
@@ -180,10 +184,12 @@ void bind_op_args(py::module_& m) {
   using kawhi::AttentionMassArgs;
   using kawhi::CosineAlignmentArgs;
   using kawhi::SgufDescriptorArgs;
+  using kawhi::GridPyramidArgs;
   py::dict arg_types;
   KAWHI_BIND_ARGS(AttentionMassArgs, KAWHI_ATTENTION_MASS_FIELDS, "attention_mass")
   KAWHI_BIND_ARGS(CosineAlignmentArgs, KAWHI_COSINE_ALIGNMENT_FIELDS, "cosine_alignment")
   KAWHI_BIND_ARGS(SgufDescriptorArgs, KAWHI_SGUF_DESCRIPTOR_FIELDS, "sguf_descriptors")
+  KAWHI_BIND_ARGS(GridPyramidArgs, KAWHI_GRID_PYRAMID_FIELDS, "grid_pyramid")
   m.attr("ARG_TYPES") = arg_types;
   m.def("op_fields", &op_fields, py::arg("op"),
         "Field table of an op's argument struct (csrc/op_fields.h), in declaration order: a "
@@ -200,6 +206,25 @@ void bind_op_args(py::module_& m) {
         py::arg("args"));
   m.def("validate", py::overload_cast<const SgufDescriptorArgs&>(&kawhi::validate),
         py::arg("args"));
+  m.def("validate", py::overload_cast<const GridPyramidArgs&>(&kawhi::validate),
+        py::arg("args"));
+  m.def(
+      "grid_pyramid_shared_floats",
+      [](int64_t rows, int64_t width, const std::vector<int32_t>& sizes) {
+        if (rows < 0 || width < 0)
+          throw py::value_error("rows/width: expected non-negative sizes, got " +
+                                std::to_string(rows) + " x " + std::to_string(width));
+        for (int32_t s : sizes)
+          if (s < 1)
+            throw py::value_error("sizes: cell sizes must be >= 1, got " + std::to_string(s));
+        return kawhi::grid_pyramid_shared_floats(rows, width, sizes.data(),
+                                                 static_cast<int64_t>(sizes.size()));
+      },
+      py::arg("rows"), py::arg("width"), py::arg("sizes"),
+      "fp32 shared-memory slots a grid_pyramid block needs for a strip of rows x width tokens "
+      "and the (ascending, distinct) cell sizes: the strip plus every level's cells.");
+  m.attr("MAX_PYRAMID_LEVELS") = kawhi::kMaxPyramidLevels;
+  m.attr("MAX_STRIP_TOKENS") = kawhi::kMaxStripTokens;
   m.def("sguf_shared_bytes", &kawhi::sguf_shared_bytes, py::arg("patch"), py::arg("radius"),
         "Dynamic shared memory (bytes) the SGUF descriptor kernel needs per thread block.");
   py::dict codes;
@@ -219,6 +244,8 @@ void bind_op_args(py::module_& m) {
   m.def("sguf_descriptors", &kawhi::launch_sguf_descriptors, py::arg("args"), Release(),
         "Launch the SGUF descriptor kernel on args.stream (asynchronous); errors as "
         "attention_mass.");
+  m.def("grid_pyramid", &kawhi::launch_grid_pyramid, py::arg("args"), Release(),
+        "Launch grid_pyramid on args.stream (asynchronous); errors as attention_mass.");
 #endif
 }
 
@@ -249,6 +276,20 @@ void bind_mma_layout(py::module_& m) {
   s.attr("TILE_KEYS") = mma::kTileKeys;
   s.attr("WARP_ROWS") = mma::kWarpRows;
   s.attr("WARPS") = mma::kWarps;
+  // The second MMA (region mass) and the scatter columns.
+  s.def("p_a_source", [pair](int kc, int r) { return pair(mma::p_a_source(kc, r)); });
+  s.def("one_hot_key", &mma::one_hot_key);
+  s.def("one_hot_col", &mma::one_hot_col);
+  s.def("region_ntiles", &mma::region_ntiles);
+  s.def("scatter_column", [](const py::sequence& tile_region, int key) {
+    std::vector<int32_t> ids;
+    for (const auto& v : tile_region) ids.push_back(v.cast<int32_t>());
+    if (key < 0 || key >= static_cast<int>(ids.size())) throw py::value_error("key: outside the tile");
+    return mma::scatter_column_host(ids.data(), key);
+  });
+  s.attr("STAGES") = mma::kStages;
+  s.attr("COARSE_MAX_REGIONS") = mma::kCoarseMaxRegions;
+  s.attr("MASS_SCALE") = mma::kMassScale;
 }
 
 PYBIND11_MODULE(_C, m) {

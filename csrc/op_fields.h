@@ -103,6 +103,25 @@
   X(uintptr_t, lightness, 0, Pointer, 0, "fp32 [num_images, grid_h * grid_w]")                \
   X(uintptr_t, stream, 0, Stream, 0, "cudaStream_t as an integer")                            \
   X(int, device, -1, Device, 0, "CUDA device index the pointers live on")
+#define KAWHI_GRID_PYRAMID_FIELDS(X)                                                            \
+  X(uintptr_t, mass, 0, Pointer, 0, "mass [num_lead, num_tokens] (row stride mass_stride)")    \
+  X(int, dtype, -1, Dtype, 0, "DtypeCode of mass")                                            \
+  X(int64_t, num_lead, -1, Count, 0, "leading rows of mass (product of its leading dims)")    \
+  X(int64_t, num_tokens, -1, Count, 0, "image tokens N = sum of t * h * w")                   \
+  X(int64_t, mass_stride, -1, Stride, 0, "mass stride over leading rows")                     \
+  X(uintptr_t, strips, 0, Pointer, 0,                                                           \
+    "int64 [num_strips, 3]: first token, width, rows of each frame strip (a band of rows)")    \
+  X(int64_t, num_strips, -1, Count, 0, "strips of all frames of all images")                  \
+  X(uintptr_t, cell_sizes, 0, Pointer, 0, "int32 [num_levels] ascending distinct cell sizes")  \
+  X(int64_t, num_levels, -1, Count, 1, "levels L")                                            \
+  X(uintptr_t, cell_base, 0, Pointer, 0,                                                        \
+    "int64 [num_strips, num_levels]: output cell of each strip's first cell per level")        \
+  X(uintptr_t, outs, 0, Pointer, 0, "uint64 [num_levels]: fp32 [num_lead, cells_l] outputs")   \
+  X(uintptr_t, out_cells, 0, Pointer, 0, "int64 [num_levels]: cells_l (each output's row stride)") \
+  X(int64_t, shared_floats, -1, Count, 1,                                                       \
+    "fp32 shared-memory slots per block (grid_pyramid_shared_floats of the largest strip)")     \
+  X(uintptr_t, stream, 0, Stream, 0, "cudaStream_t as an integer")                            \
+  X(int, device, -1, Device, 0, "CUDA device index the pointers live on")
 // clang-format on
 
 // Declares one struct member from a table row.

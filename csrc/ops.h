@@ -61,6 +61,43 @@ struct SgufDescriptorArgs {
   KAWHI_SGUF_DESCRIPTOR_FIELDS(KAWHI_DECLARE_FIELD)
 };
 
+// grid_pyramid: sums of per-token values over square cells of each frame, several cell sizes.
+//   A frame (t, h, w) of an image is h rows of w tokens, contiguous in mass's last dim; at cell
+//   size s its cells are ceil(h/s) x ceil(w/s) in raster order (ragged at the right and bottom).
+// The host splits every frame into strips: bands of whole rows whose first row is a multiple of
+// every cell size (or the whole frame), so no cell straddles two strips. One thread block per
+// (leading row, strip) stages the strip in shared memory as fp32 (16-byte loads), then builds
+// the levels in ascending cell size, each from the largest smaller level whose size divides it
+// (else from the tokens), keeping each level in shared memory for the next; every output cell
+// is written once by one thread, summed in a fixed order (deterministic, no atomics).
+struct GridPyramidArgs {
+  KAWHI_GRID_PYRAMID_FIELDS(KAWHI_DECLARE_FIELD)
+};
+
+// Most levels one launch takes (cell sizes 1, 2, ..., 2^16: ops/grid_pyramid.py MAX_LEVELS).
+constexpr int64_t kMaxPyramidLevels = 17;
+// Largest strip (rows * width tokens) a block stages; every block index is then an int32.
+constexpr int64_t kMaxStripTokens = int64_t{1} << 24;
+
+#if defined(__CUDACC__)
+#define KAWHI_HOST_DEVICE __host__ __device__
+#else
+#define KAWHI_HOST_DEVICE
+#endif
+
+// fp32 shared-memory slots a block needs for a strip of `rows` x `width` tokens: the strip, plus
+// ceil(rows/s) * ceil(width/s) cells for every cell size s > 1 (sizes ascending, distinct), plus
+// 4 slots of slack that let the strip start where its 16-byte loads land on 16-byte boundaries.
+KAWHI_HOST_DEVICE inline int64_t grid_pyramid_shared_floats(int64_t rows, int64_t width,
+                                                            const int32_t* sizes, int64_t n) {
+  int64_t floats = rows * width + 4;
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t s = sizes[l];
+    if (s > 1) floats += ((rows + s - 1) / s) * ((width + s - 1) / s);
+  }
+  return floats;
+}
+
 // Kinds of the op_fields.h table rows (what the generic per-field check does).
 enum class FieldKind { Pointer, Count, Stride, Flag, Real, Dtype, Stream, Device };
 
@@ -68,16 +105,19 @@ enum class FieldKind { Pointer, Count, Stride, Flag, Real, Dtype, Stream, Device
 void validate(const AttentionMassArgs& a);
 void validate(const CosineAlignmentArgs& a);
 void validate(const SgufDescriptorArgs& a);
+void validate(const GridPyramidArgs& a);
 
 // Dynamic shared memory (bytes) the descriptor kernel needs for a patch size and radius.
 int64_t sguf_shared_bytes(int64_t patch, int64_t radius);
 
 #ifdef KAWHI_WITH_CUDA
-// Launchers (attention_mass.cu, cosine_alignment.cu, sguf_descriptors.cu). They call validate()
-// first, then launch asynchronously on args.stream; errors throw kawhi::CudaError.
+// Launchers (attention_mass.cu, cosine_alignment.cu, sguf_descriptors.cu, grid_pyramid.cu).
+// They call validate() first, then launch asynchronously on args.stream; errors throw
+// kawhi::CudaError.
 void launch_attention_mass(const AttentionMassArgs& a);
 void launch_cosine_alignment(const CosineAlignmentArgs& a);
 void launch_sguf_descriptors(const SgufDescriptorArgs& a);
+void launch_grid_pyramid(const GridPyramidArgs& a);
 #endif
 
 }  // namespace kawhi

@@ -99,9 +99,6 @@ void validate_tensor_core_path(const std::string& op, const AttentionMassArgs& a
   if (a.head_dim % 16 != 0)
     fail(op, "head_dim: the tensor-core kernel needs a multiple of 16, got " +
                  std::to_string(a.head_dim));
-  if (a.deterministic)
-    fail(op, "deterministic: the tensor-core kernel accumulates with atomics; use "
-             "slots_per_cta = 0 for deterministic sums");
   if (a.q % 16 != 0 || a.k % 16 != 0)
     fail(op, "q/k: the tensor-core kernel needs 16-byte aligned q and k (cp.async)");
   if (a.q_stride_t % 8 || a.q_stride_h % 8 || a.k_stride_t % 8 || a.k_stride_h % 8)
@@ -173,6 +170,22 @@ void validate(const SgufDescriptorArgs& a) {
   check_ptr(op, "lam_max", a.lam_max, n);
   check_ptr(op, "lam_min", a.lam_min, n);
   check_ptr(op, "lightness", a.lightness, n);
+}
+
+void validate(const GridPyramidArgs& a) {
+  const std::string op = "grid_pyramid";
+  KAWHI_GRID_PYRAMID_FIELDS(KAWHI_CHECK_FIELD)
+  check_max(op, "num_levels", a.num_levels, kMaxPyramidLevels, "cell sizes 1, 2, ..., 2^16");
+  check_max(op, "num_lead * num_strips", mul(op, a.num_lead, a.num_strips), kInt32Max,
+            "one thread block per (leading row, strip)");
+  check_max(op, "shared_floats", a.shared_floats, kMaxStripTokens,
+            "a block stages at most 2^24 tokens");
+  check_ptr(op, "mass", a.mass, mul(op, a.num_lead, a.num_tokens));
+  check_ptr(op, "strips", a.strips, mul(op, a.num_strips, 3));
+  check_ptr(op, "cell_sizes", a.cell_sizes, a.num_levels);
+  check_ptr(op, "cell_base", a.cell_base, mul(op, a.num_strips, a.num_levels));
+  check_ptr(op, "outs", a.outs, a.num_levels);
+  check_ptr(op, "out_cells", a.out_cells, a.num_levels);
 }
 
 #undef KAWHI_CHECK_FIELD

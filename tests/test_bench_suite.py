@@ -36,7 +36,8 @@ def test_quick_sweep_writes_csv_with_all_columns(quick_run):
     for column in ("op", "backend", "dtype", "p50_ms", "p20_ms", "p80_ms", "peak_mib", "max_rel_err",
                    "status", "gpu", "torch", "triton", "cuda", "git_commit", "date", "command"):
         assert column in header
-    assert {r["op"] for r in rows} == {"attention_mass", "cosine_alignment", "sguf", "kawhi_step"}
+    assert {r["op"] for r in rows} == {"attention_mass", "cosine_alignment", "sguf", "kawhi_step",
+                                      "grid_pyramid"}
     assert len({r["run_id"] for r in rows}) == 1
     for r in rows:
         assert r["status"].startswith(STATUS_PREFIXES), r["status"]

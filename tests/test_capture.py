@@ -82,18 +82,22 @@ def check_record_against(record: QKRecord, q_full, k_full, atol=0.0):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_logits_bit_identical_and_restored(tiny_vl_family, impl, side):
+@pytest.mark.parametrize("capture_lse", [False, True])
+def test_logits_bit_identical_and_restored(tiny_vl_family, impl, side, capture_lse):
     _, build = tiny_vl_family
     model = build(attn_implementation=impl)
     inputs = tiny_vl_inputs(model, IMAGES, TEXT_LENS, padding_side=side)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with capture_qk(model, [0, -1]) as cap:
+        with capture_qk(model, [0, -1], capture_lse=capture_lse) as cap:
             assert text_model(model).config._attn_implementation == CAPTURE_PREFIX + impl
             assert model.model.visual.config._attn_implementation == impl
             out = model(**inputs).logits
     assert torch.equal(ref, out)
     assert sorted(cap.records) == [0, len(text_model(model).layers) - 1]
+    # The lse only with capture_lse (tests/test_capture_lse.py checks its values).
+    want_source = ({"sdpa": "sdpa_flash_cpu", "eager": "eager_scores"}[impl] if capture_lse else None)
+    assert all(r.lse_source == want_source and (r.lse is None) == (not capture_lse) for r in cap.records.values())
     assert text_model(model).config._attn_implementation == impl
     assert all(layer.self_attn.config._attn_implementation == impl for layer in text_model(model).layers)
     assert not tc._ACTIVE_LAYERS

@@ -88,12 +88,20 @@ def _sguf_args(**overrides):
     return make_args(EXT, "sguf_descriptors", **fields)
 
 
+def _pyramid_args(**overrides):
+    fields = dict(mass=FAKE, dtype=2, num_lead=6, num_tokens=35, mass_stride=40, strips=FAKE,
+                  num_strips=3, cell_sizes=FAKE, num_levels=3, cell_base=FAKE, outs=FAKE,
+                  out_cells=FAKE, shared_floats=60, device=0)
+    fields.update(overrides)
+    return make_args(EXT, "grid_pyramid", **fields)
+
+
 @needs_cuda_build
 def test_constants_match_the_python_side():
     assert EXT.DTYPE_CODES == {"float32": 0, "float16": 1, "bfloat16": 2}
     assert EXT.MAX_HEAD_DIM == MAX_HEAD_DIM == 256
-    for name in ("attention_mass", "cosine_alignment", "sguf_descriptors", "cuda_device_count",
-                 "cuda_device_capability", "validate"):
+    for name in ("attention_mass", "cosine_alignment", "sguf_descriptors", "grid_pyramid",
+                 "cuda_device_count", "cuda_device_capability", "validate"):
         assert callable(getattr(EXT, name)), name
 
 
@@ -108,6 +116,9 @@ def test_valid_arguments_pass_validation():
     EXT.validate(_cosine_args(per_head=True, total_k=0, k=0, key_region=0))
     EXT.validate(_sguf_args())
     EXT.validate(_sguf_args(num_images=0, image=0, lam_max=0, lam_min=0, lightness=0))
+    EXT.validate(_pyramid_args())
+    EXT.validate(_pyramid_args(num_lead=0, mass=0))
+    EXT.validate(_pyramid_args(mass_stride=0))   # an expanded (read-only) mass: rows may coincide
 
 
 MASS_ERRORS = [
@@ -207,10 +218,40 @@ def test_sguf_argument_errors(overrides, message):
         EXT.sguf_descriptors(_sguf_args(**overrides))
 
 
+PYRAMID_ERRORS = [
+    (dict(dtype=5), r"grid_pyramid: dtype: expected a dtype code"),
+    (dict(num_levels=0), r"grid_pyramid: num_levels: expected an integer >= 1, got 0"),
+    (dict(num_levels=18), r"num_levels: expected at most 17 \(cell sizes 1, 2, ..., 2\^16\)"),
+    (dict(num_lead=-1), r"num_lead: expected an integer >= 0"),
+    (dict(num_strips=-2), r"num_strips: expected an integer >= 0"),
+    (dict(num_lead=2**20, num_strips=2**12),
+     r"num_lead \* num_strips: expected at most 2147483647 \(one thread block per"),
+    (dict(shared_floats=0), r"shared_floats: expected an integer >= 1"),
+    (dict(shared_floats=2**24 + 1), r"shared_floats: expected at most 16777216"),
+    (dict(mass_stride=-1), r"mass_stride: expected an integer >= 0"),
+    (dict(mass=0), r"mass: null device pointer for an array of 210 elements"),
+    (dict(strips=0), r"strips: null device pointer for an array of 9 elements"),
+    (dict(cell_sizes=0), r"cell_sizes: null device pointer for an array of 3 elements"),
+    (dict(cell_base=0), r"cell_base: null device pointer for an array of 9 elements"),
+    (dict(outs=0), r"outs: null device pointer for an array of 3 elements"),
+    (dict(out_cells=0), r"out_cells: null device pointer"),
+    (dict(device=-1), r"grid_pyramid: device: expected a CUDA device index >= 0"),
+]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("overrides,message", PYRAMID_ERRORS)
+def test_grid_pyramid_argument_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EXT.validate(_pyramid_args(**overrides))
+    with pytest.raises(ValueError, match=message):
+        EXT.grid_pyramid(_pyramid_args(**overrides))
+
+
 # ----------------------------------------------------------------------------- the field table
 
 OPS = {"attention_mass": _mass_args, "cosine_alignment": _cosine_args,
-       "sguf_descriptors": _sguf_args}
+       "sguf_descriptors": _sguf_args, "grid_pyramid": _pyramid_args}
 CUDA_WRAPPERS = ROOT / "kawhi_kernels" / "cuda"
 
 
@@ -315,7 +356,7 @@ def test_per_field_checks_follow_the_table(op):
         with pytest.raises(ValueError, match=message):
             EXT.validate(OPS[op](**{name: bad}))
         checked += 1
-    assert checked >= 10
+    assert checked >= 8
 
 
 @needs_cuda_build
@@ -346,7 +387,8 @@ def test_shared_memory_estimate_grows_with_patch_and_radius():
                     reason="checks the no-driver error path; this machine has a CUDA device")
 @pytest.mark.parametrize("op,make", [("attention_mass", _mass_args),
                                      ("cosine_alignment", _cosine_args),
-                                     ("sguf_descriptors", _sguf_args)])
+                                     ("sguf_descriptors", _sguf_args),
+                                     ("grid_pyramid", _pyramid_args)])
 def test_launch_without_a_device_raises_runtime_error_naming_op_and_cuda_error(op, make):
     with pytest.raises(RuntimeError, match=rf"kawhi_kernels CUDA error in {op} .*: cuda\w+ \(.+\)"):
         getattr(EXT, op)(make())
@@ -623,15 +665,14 @@ def test_tensor_core_dispatch_rule():
     q = torch.zeros(10, 28, 128, dtype=torch.bfloat16)
     k = torch.zeros(12, 4, 128, dtype=torch.bfloat16)
     heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
-    assert tensor_core_slots(q, k, heads, 28, 4, False, None) == 4
-    assert tensor_core_slots(q, k, heads, 28, 4, True, None) == 0        # deterministic
-    assert tensor_core_slots(q, k, heads, 28, 4, False, 8) == 0          # explicit block_rows
-    assert tensor_core_slots(q.float(), k.float(), heads, 28, 4, False, None) == 0
-    assert tensor_core_slots(q[..., :40], k[..., :40], heads, 28, 4, False, None) == 0
-    assert tensor_core_slots(q[..., :80], k[..., :80], [0, 7], 28, 4, False, None) == 1
+    assert tensor_core_slots(q, k, heads, 28, 4, None) == 4
+    assert tensor_core_slots(q, k, heads, 28, 4, 8) == 0                 # explicit block_rows
+    assert tensor_core_slots(q.float(), k.float(), heads, 28, 4, None) == 0
+    assert tensor_core_slots(q[..., :40], k[..., :40], heads, 28, 4, None) == 0
+    assert tensor_core_slots(q[..., :80], k[..., :80], [0, 7], 28, 4, None) == 1
     mha_q, mha_k = torch.zeros(3, 4, 64, dtype=torch.float16), torch.zeros(3, 4, 64, dtype=torch.float16)
-    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 4, False, None) == 1
-    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 2, False, None) == 2
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 4, None) == 1
+    assert tensor_core_slots(mha_q, mha_k, [0, 1, 2, 3], 4, 2, None) == 2
     groups = slot_groups(heads, 28, 4, 4)
     assert groups.tolist() == [[0, 1, 2, -1], [3, 4, 5, 6], [7, 8, -1, -1]]
     # every slot appears once, and a group's slots share one KV head
@@ -645,12 +686,14 @@ def test_tensor_core_dispatch_rule():
 def test_tensor_core_path_argument_errors():
     ok = dict(dtype=1, slots_per_cta=4, slot_groups=FAKE, num_slot_groups=2)
     EXT.validate(_mass_args(**ok))
+    # deterministic segment sums are served too (per-block partial rows, no atomics)
+    EXT.validate(_mass_args(**ok, segmented=True, num_segments=3, deterministic=True,
+                            partial=FAKE, segment_block_start=FAKE, segment_blocks=FAKE))
     for overrides, message in [
         (dict(slots_per_cta=3), r"slots_per_cta: expected 0, 1, 2 or 4, got 3"),
         (dict(dtype=0), r"dtype: the tensor-core kernel .* float16 or bfloat16"),
         (dict(head_dim=72, q_stride_t=8 * 72, q_stride_h=72, k_stride_t=2 * 72, k_stride_h=72),
          r"head_dim: the tensor-core kernel needs a multiple of 16, got 72"),
-        (dict(deterministic=True), r"deterministic: the tensor-core kernel accumulates"),
         (dict(q=FAKE + 2), r"q/k: the tensor-core kernel needs 16-byte aligned"),
         (dict(k_stride_t=2 * 64 + 4), r"strides that are multiples of 8"),
         (dict(num_slot_groups=0), r"num_slot_groups: expected an integer >= 1"),
@@ -800,7 +843,7 @@ def test_gpu_tensor_core_attention_mass_matches_reference(hq, hk, d, dtype, regi
     seed = 4321 + hq * 17 + d
     q, k, cu_q, cu_k = _qk(seed, LENS_Q, LENS_K, hq, hk, d, dtype)
     head_list = list(range(hq)) if heads is None else heads
-    assert tensor_core_slots(q, k, head_list, hq, hk, False, None) > 0
+    assert tensor_core_slots(q, k, head_list, hq, hk, None) > 0
     region = _regions(seed + 1, LENS_K, num_regions, regions)
     kwargs = dict(heads=heads, causal=causal)
     if segments is not None:
@@ -818,6 +861,64 @@ def test_gpu_tensor_core_attention_mass_matches_reference(hq, hk, d, dtype, regi
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(got, warp_kernel, **TOL)
+
+
+# Every region path of the tensor-core kernel: coarse (R <= 64, one-hot MMA accumulated over
+# the pass) and scatter (R > 64, per-tile columns), per-row and segment outputs, atomics and
+# deterministic partials, GQA group sizes 1 / 4 / 7, head dims 64 / 128 / 256, fp16 and bf16.
+# (dtype, group, hk, d, R, region kind, segments, deterministic)
+REGION_PATH_CASES = [
+    (torch.float16, 1, 4, 64, 5, "coarse", None, False),
+    (torch.bfloat16, 4, 2, 128, 64, "coarse", None, True),
+    (torch.bfloat16, 7, 1, 256, 33, "coarse", "runs", False),
+    (torch.float16, 4, 2, 64, 17, "coarse", "random", True),
+    (torch.bfloat16, 1, 3, 128, 2, "coarse", "runs", True),
+    (torch.float16, 7, 1, 128, 65, "patch", None, False),
+    (torch.bfloat16, 4, 2, 256, 300, "patch", None, True),
+    (torch.float16, 1, 4, 256, 90, "patch", "runs", False),
+    (torch.bfloat16, 7, 1, 64, 120, "patch", "random", True),
+    (torch.float16, 4, 1, 128, 200, "coarse_many", "runs", True),   # R > 64, repeated ids
+    (torch.bfloat16, 4, 1, 64, 500, "coarse_many", "random", False),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype,group,hk,d,num_regions,kind,segments,deterministic",
+                         REGION_PATH_CASES)
+def test_gpu_tensor_core_region_paths_match_reference(dtype, group, hk, d, num_regions, kind,
+                                                      segments, deterministic):
+    from kawhi_kernels.cuda.attention_mass import tensor_core_slots
+
+    hq = group * hk
+    seed = 999 + group * 13 + d + num_regions
+    lens_q, lens_k = [5, 70, 0, 130, 9], [9, 150, 4, 260, 3]
+    q, k, cu_q, cu_k = _qk(seed, lens_q, lens_k, hq, hk, d, dtype)
+    assert tensor_core_slots(q, k, list(range(hq)), hq, hk, None) > 0
+    if kind == "coarse_many":    # many keys per region, ids spread over all R (scatter path)
+        g = torch.Generator().manual_seed(seed)
+        region = torch.randint(-1, num_regions, (sum(lens_k),), generator=g, dtype=torch.int32)
+        region = region.cuda()
+    else:
+        region = _regions(seed + 1, lens_k, num_regions, "coarse" if kind == "coarse" else "patch")
+    kwargs = dict(causal=True)
+    if segments is not None:
+        seg, nseg = _segments(segments, seed + 2, q.shape[0])
+        kwargs.update(query_segment=seg, num_segments=nseg)
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, **kwargs)
+    got = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions,
+                              deterministic=deterministic, **kwargs)
+    torch.cuda.synchronize()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL)
+    # per-row outputs (one writer per element) and deterministic segment sums repeat bitwise
+    if deterministic or segments is None:
+        again = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions,
+                                    deterministic=deterministic, **kwargs)
+        assert torch.equal(got, again)
+    lse = _reference_lse(q, k, cu_q, cu_k, 1.0 / math.sqrt(d), True)
+    with_lse = attention_mass_cuda(q, k, cu_q, cu_k, region, num_regions, lse=lse,
+                                   deterministic=deterministic, **kwargs)
+    torch.testing.assert_close(with_lse, want, **TOL)
 
 
 @gpu_test
@@ -914,6 +1015,31 @@ def test_gpu_cosine_alignment_matches_reference(dtype, hq, hk, d, num_regions, h
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
     assert torch.equal(got, cosine_alignment_cuda(q, k, cu_q, cu_k, region, num_regions,
                                                   heads=heads, per_head=per_head))
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 80, 100, 96, 256])
+@pytest.mark.parametrize("heads,per_head", [([0, 3, 5, 1, 2, 7, 6, 4, 0], False),   # 9 slots, a repeat
+                                            ([7, 2, 2, 5, 1], True)])
+def test_gpu_cosine_alignment_vector_and_scalar_layouts(dtype, d, heads, per_head):
+    """Aligned rows take 16-byte loads (lane groups of one head, several heads per warp), rows
+    at an odd element offset or with an odd head dim the scalar fallback: both match the
+    reference and each other, and repeat bit for bit."""
+    q, k, cu_q, cu_k = _qk(31 + d, LENS_Q, LENS_K, 8, 2, d + 8, dtype)   # strides d + 8
+    q[2] = 0
+    region = _regions(32, LENS_K, 3, "coarse")
+    results = []
+    for offset in (0, 1):           # 1: row starts at an odd element (not 16-byte aligned)
+        qq, kk = q[..., offset:offset + d], k[..., offset:offset + d]
+        want = cosine_alignment_reference(qq, kk, cu_q, cu_k, region, 3, heads=heads,
+                                          per_head=per_head)
+        got = cosine_alignment_cuda(qq, kk, cu_q, cu_k, region, 3, heads=heads, per_head=per_head)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+        assert torch.equal(got, cosine_alignment_cuda(qq, kk, cu_q, cu_k, region, 3, heads=heads,
+                                                      per_head=per_head))
+        results.append(got)
+    torch.testing.assert_close(results[0], results[1], atol=2e-6, rtol=2e-5)
 
 
 @gpu_test

@@ -1,7 +1,7 @@
 """Static checks of the built CUDA kernels' SASS (no GPU needed): the tensor-core
-attention_mass kernel really uses tensor cores (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS)
-inside its K-tile loop, spills nothing to local memory, and its registers (and, for head dims
-up to 128, its shared memory) allow at least two CTAs per SM on every architecture built.
+attention_mass kernels really use tensor cores (HMMA) for both their MMAs (scores and region
+mass), ldmatrix (LDSM) and cp.async (LDGSTS) inside their K-tile loops, spill nothing to
+local memory, and their registers (and, for head dims up to 128, their shared memory) allow at least two CTAs per SM on every architecture built.
 The table of these facts is benchmarks/results/cuda_static_sass.md
 (``python tools/cuda_sass_report.py kawhi_kernels/_C*.so --markdown``).
 """
@@ -42,12 +42,13 @@ def _mma(kernels, arch):
             if a == arch and "attention_mass_mma_kernel" in name}
 
 
-def test_every_built_arch_has_the_four_tensor_core_variants(kernels):
+def test_every_built_arch_has_the_eight_tensor_core_variants(kernels):
     built = [a for a in EXT.build_info()["archs"] if a.startswith("sm_")]
     assert built and set(built) <= set(_archs(kernels))
     for arch in built:
         assert sorted(_mma(kernels, arch)) == sorted(
-            f"attention_mass_mma_kernel<{t}, {d}>" for t in ("half", "bf16") for d in (128, 256)), arch
+            f"attention_mass_mma_kernel<{t}, {d}, {mode}>" for t in ("half", "bf16")
+            for d in (128, 256) for mode in ("coarse", "scatter")), arch
 
 
 def test_tensor_core_kernel_uses_hmma_ldmatrix_and_cp_async_in_its_k_loop(kernels):
@@ -57,6 +58,26 @@ def test_tensor_core_kernel_uses_hmma_ldmatrix_and_cp_async_in_its_k_loop(kernel
                 (arch, name, k.counts)
             # a loop holding the prefetch (LDGSTS) and the MMAs: the K-tile loop
             assert any({"HMMA", "LDSM", "LDGSTS"} <= ops for ops in k.loops_with), (arch, name)
+
+
+def test_both_mmas_are_on_tensor_cores(kernels):
+    """Scores (Q K^T: D/16 x 8 HMMAs per K tile, in pass 1 and pass 2) and region mass (P hi and
+    lo x one-hot: 4 k-chunks x 8 region n-tiles x 2, always fp16 inputs). In the bf16 kernels
+    the two are told apart by input type, and the mass MMA must sit in the pass-2 K loop,
+    next to the cp.async prefetch and the ldmatrix reads."""
+    for arch in _archs(kernels):
+        for name, k in _mma(kernels, arch).items():
+            dim = report.mma_variant_dim(k.name)
+            scores = 2 * (dim // 16) * 8
+            mass = 4 * 8 * 2
+            if "bf16" in name:
+                assert k.counts["HMMA.BF16"] >= scores, (arch, name, k.counts)
+                assert k.counts["HMMA.F16"] >= mass, (arch, name, k.counts)
+                assert any({"HMMA.F16", "HMMA.BF16", "LDSM", "LDGSTS"} <= ops
+                           for ops in k.loops_with), (arch, name)
+            else:
+                assert k.counts["HMMA.BF16"] == 0, (arch, name)
+                assert k.counts["HMMA.F16"] >= scores + mass, (arch, name, k.counts)
 
 
 def test_tensor_core_kernel_fits_two_ctas_per_sm(kernels):
@@ -89,3 +110,58 @@ def test_register_and_shared_memory_occupancy_arithmetic():
     assert report.ctas_by_registers(64, 128) == 8
     assert report.ctas_by_shared("sm_86", 66048, 0) == 1
     assert report.ctas_by_shared("sm_80", 33792, 0) == 4
+
+
+# ----------------------------------------------------------------- bandwidth-bound kernels
+# cosine_alignment and grid_pyramid: 16-byte loads (LDG.E.128) inside their loops in the vector
+# variants, none in the scalar fallbacks (the negative control), and registers that leave room
+# for at least four CTAs per SM.
+
+@pytest.fixture(scope="module")
+def wide():
+    return report.read_wide_loads(EXT.__file__, TOOL)
+
+
+def _bandwidth(wide, arch, base):
+    return {report.bandwidth_label(name): loads for (a, name), loads in wide.items()
+            if a == arch and report.bandwidth_kernel(name) == base}
+
+
+def test_bandwidth_kernels_exist_for_every_dtype_and_variant(wide):
+    for arch in [a for a in EXT.build_info()["archs"] if a.startswith("sm_")]:
+        for base in ("cosine_rows_kernel", "region_mean_keys_kernel"):
+            assert sorted(_bandwidth(wide, arch, base)) == sorted(
+                f"{base}<{t}, {v}>" for t in ("half", "bf16", "float")
+                for v in ("vector", "scalar")), (arch, base)
+        assert sorted(_bandwidth(wide, arch, "grid_pyramid_kernel")) == sorted(
+            f"grid_pyramid_kernel<{t}>" for t in ("half", "bf16", "float")), arch
+
+
+def test_vector_variants_load_16_bytes_in_their_loops_and_scalar_ones_do_not(wide):
+    for (arch, name), (total, in_loop) in wide.items():
+        tag = (arch, report.bandwidth_label(name), total, in_loop)
+        if "Lb0E" in name:
+            assert total == 0, tag
+        else:   # the vector cosine variants and grid_pyramid (its strip loads)
+            assert in_loop >= 1, tag
+
+
+def test_bandwidth_kernels_fit_four_ctas_per_sm(kernels, wide):
+    for (arch, name) in wide:
+        k = kernels[(arch, name)]
+        threads = report.BANDWIDTH_THREADS[report.bandwidth_kernel(name)]
+        assert k.local == 0 and k.stack == 0, (arch, report.bandwidth_label(name))
+        assert report.ctas_by_registers(k.registers, threads) >= 4, (arch, name, k.registers)
+        if "grid_pyramid" in name:
+            assert report.ctas_by_shared(arch, report.GRID_PYRAMID_SHARED_BYTES,
+                                         k.static_shared) >= 2, arch
+
+
+def test_wide_load_count_reads_loops():
+    code = ("        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+            "        /*0010*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
+            "        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;\n"
+            "        /*0030*/                   LDG.E.U16 R9, desc[UR4][R2.64] ;\n"
+            "        /*0040*/               @P0 BRA 0x20 ;\n"
+            "        /*0050*/                   EXIT ;\n")
+    assert report.wide_loads(code) == (2, 1)

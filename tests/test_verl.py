@@ -223,3 +223,135 @@ def test_driver_side_weights_match_pipeline():
     values = torch.arange(12, dtype=torch.float32)
     resp = kv.packed_response_values(values, torch.tensor([0, 6, 12]), response_mask)
     assert resp.tolist() == [[2, 3, 4, 5, 0], [7, 8, 9, 10, 11]]
+
+
+# ------------------------------------------------------------------- the shared patching idiom
+
+
+def test_wrap_once_patch_attribute_and_temporarily():
+    from kawhi_kernels.integrations._patching import is_wrapped, original_of, patch_attribute, temporarily, wrap_once
+
+    calls = []
+
+    def make(original):
+        def wrapper(*args):
+            calls.append(args)
+            return original(*args) + 1
+        return wrapper
+
+    def f(x):
+        """doc of f"""
+        return 2 * x
+
+    w = wrap_once(f, make)
+    assert is_wrapped(w) and not is_wrapped(f) and original_of(w) is f and original_of(f) is f
+    assert w.__name__ == "f" and w.__doc__ == "doc of f" and w(3) == 7
+    assert wrap_once(w, make) is w                                   # never twice
+    holder = types.SimpleNamespace(f=f)
+    assert patch_attribute(holder, "f", make) is True
+    assert patch_attribute(holder, "f", make) is False               # idempotent: the plugin loaded again
+    assert holder.f(1) == 3 and len(calls) == 2
+
+    class C:
+        def m(self):
+            return 1
+    patch_attribute(C, "m", make)
+    assert C().m() == 2 and is_wrapped(C.m)
+    with pytest.raises(AttributeError, match="'missing'"):
+        patch_attribute(C, "missing", make)
+    with pytest.raises(TypeError, match="callable"):
+        wrap_once(3, make)
+
+    module = types.SimpleNamespace(g=lambda: "orig")
+    with temporarily(module, "g", lambda original: lambda: "tapped " + original()):
+        assert module.g() == "tapped orig"
+    assert module.g() == "orig"
+    with pytest.raises(RuntimeError):
+        with temporarily(module, "g", lambda original: lambda: "tapped"):
+            raise RuntimeError("boom")
+    assert module.g() == "orig"                                      # restored on error too
+
+    class Group:
+        def call(self):
+            return "class"
+    group = Group()
+    with temporarily(group, "call", lambda original: lambda: "tapped " + original()):
+        assert group.call() == "tapped class"
+    assert "call" not in vars(group) and group.call() == "class"     # no instance attribute left behind
+    group.call = lambda: "instance"                                  # an instance attribute (verl's worker groups)
+    with temporarily(group, "call", lambda original: lambda: "tapped " + original()):
+        assert group.call() == "tapped instance"
+    assert group.call() == "instance"
+
+
+def test_actor_class_is_the_class_ray_ships():
+    from kawhi_kernels.integrations._patching import actor_class
+
+    class Plain:
+        pass
+    shipped = type("Shipped", (Plain,), {})
+    remote = types.SimpleNamespace(__ray_metadata__=types.SimpleNamespace(modified_class=shipped))
+    assert actor_class(Plain) is Plain and actor_class(remote) is shipped
+
+
+# -------------------------------------------------------------- image regions (TRL and verl share)
+
+
+def _blocky_image(seed, shape=(4, 6)):
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    base = g.integers(0, 255, size=(*shape, 3)).astype(np.uint8)
+    return Image.fromarray(np.kron(base, np.ones((24, 24, 1), dtype=np.uint8)))
+
+
+def test_regions_for_grids_matches_select_regions_on_the_resized_image():
+    from kawhi_kernels.integrations.image_regions import as_uint8_rgb, regions_for_grids
+
+    image = _blocky_image(0)
+    grid = torch.tensor([[1, 8, 12]])                               # merge 2, patch 14: 112 × 168 px, 4 × 6 tokens
+    regions = regions_for_grids(KAWHI(seed=3), [image], grid, merge_size=2, patch_size=14)
+    pixels = as_uint8_rgb(image, (168, 112))
+    assert pixels.shape == (112, 168, 3) and pixels.dtype == np.uint8
+    expected = KAWHI(seed=3).select_regions([torch.from_numpy(pixels)], [(4, 6)])[0]
+    assert torch.equal(regions[0].selected, expected.selected)
+    assert regions[0].selected.numel() == 24 and regions[0].selected.any() and not regions[0].selected.all()
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        regions_for_grids(KAWHI(), [image], torch.tensor([[2, 8, 12]]), merge_size=2, patch_size=14)
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        regions_for_grids(KAWHI(), [image], [[1, 7, 12]], merge_size=2, patch_size=14)
+    with pytest.raises(ValueError, match="images"):
+        regions_for_grids(KAWHI(), [image, image], grid, merge_size=2, patch_size=14)
+    with pytest.raises(TypeError, match="image"):
+        regions_for_grids(KAWHI(), ["not an image"], grid, merge_size=2, patch_size=14)
+
+
+def test_region_cache_shares_within_scope_only_and_evicts():
+    from kawhi_kernels.integrations.image_regions import RegionCache, regions_for_grids
+
+    cache = RegionCache(max_entries=2)
+    kawhi = KAWHI(seed=0)
+    image, grid = _blocky_image(1), torch.tensor([[1, 8, 12]])
+    a = regions_for_grids(kawhi, [image], grid, merge_size=2, patch_size=14, cache=cache, scope="uid0")[0]
+    b = regions_for_grids(kawhi, [image.copy()], grid, merge_size=2, patch_size=14, cache=cache, scope="uid0")[0]
+    c = regions_for_grids(kawhi, [image], grid, merge_size=2, patch_size=14, cache=cache, scope="uid1")[0]
+    assert a is b and c is not a                                    # G responses share; a new prompt draws again
+    assert (cache.hits, cache.misses, len(cache)) == (1, 2, 2)
+    regions_for_grids(kawhi, [_blocky_image(2)], grid, merge_size=2, patch_size=14, cache=cache, scope="uid0")
+    assert len(cache) == 2                                          # least recently used entry evicted
+    with pytest.raises(ValueError, match="max_entries"):
+        RegionCache(0)
+
+
+def test_key_mask_for_sequence_places_selection_on_image_tokens():
+    from kawhi_kernels.integrations.image_regions import key_mask_for_sequence, regions_for_grids
+
+    image, grid = _blocky_image(4), torch.tensor([[1, 8, 12]])
+    regions = regions_for_grids(KAWHI(seed=1), [image], grid, merge_size=2, patch_size=14)
+    ids = torch.tensor([1, 7, tm.VISION_START_TOKEN_ID] + [tm.IMAGE_TOKEN_ID] * 24 + [tm.VISION_END_TOKEN_ID, 9, 10])
+    mask = key_mask_for_sequence(ids, tm.IMAGE_TOKEN_ID, regions)
+    assert mask.shape == ids.shape and mask.dtype == torch.bool
+    assert torch.equal(mask[3:27], regions[0].selected) and not mask[:3].any() and not mask[27:].any()
+    assert torch.equal(key_mask_for_sequence(ids[None], tm.IMAGE_TOKEN_ID, regions)[0], mask)
+    with pytest.raises(ValueError, match="image tokens"):
+        key_mask_for_sequence(ids[:-6], tm.IMAGE_TOKEN_ID, regions + regions)

@@ -4,7 +4,7 @@
 Reads ``cuobjdump -sass`` and ``cuobjdump --dump-resource-usage`` of the shared object and, per
 architecture and kernel, reports registers, local memory, the CTAs per SM the register file and
 the shared memory allow, and counts of the instructions that show the tensor-core design:
-HMMA (mma.sync), LDSM (ldmatrix), LDGSTS (cp.async). ``--markdown`` prints the table recorded
+HMMA (mma.sync; split into fp16 and bf16 inputs), LDSM (ldmatrix), LDGSTS (cp.async). ``--markdown`` prints the table recorded
 in benchmarks/results/cuda_static_sass.md; tests/test_cuda_static_sass.py asserts on the same
 facts.
 
@@ -29,7 +29,13 @@ REGISTER_ALLOCATION_UNIT = 256        # registers per warp are allocated in unit
 SHARED_PER_SM = {"sm_80": 167936, "sm_86": 102400, "sm_89": 102400, "sm_90": 233472}
 SHARED_RESERVED_PER_CTA = 1024
 MAX_CTAS_PER_SM = {"sm_80": 32, "sm_86": 16, "sm_89": 24, "sm_90": 32}
-COUNTED = ("HMMA", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR")
+COUNTED = ("HMMA", "HMMA.F16", "HMMA.BF16", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR")
+# How each counted name is matched in a SASS line: HMMA.F16 / HMMA.BF16 split the m16n8k16
+# HMMAs by input type (the attention_mass region-mass MMA is always fp16; the score MMA of the
+# bf16 kernels is bf16).
+_OPCODE = {op: rf"\b{re.escape(op)}\b" for op in COUNTED}
+_OPCODE["HMMA.F16"] = r"\bHMMA\.16816\.F32(?![.\w])"
+_OPCODE["HMMA.BF16"] = r"\bHMMA\.16816\.F32\.BF16\b"
 
 _ARCH = re.compile(r"^arch = (sm_\d+[a-z]?)\s*$", re.M)
 _FUNC_SASS = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
@@ -70,7 +76,7 @@ def parse(sass: str, resources: str) -> dict[tuple[str, str], Kernel]:
             code = body[m.end():funcs[i + 1].start() if i + 1 < len(funcs) else len(body)]
             kernel = kernels.setdefault((arch, m.group(1)), Kernel(arch, m.group(1)))
             for op in COUNTED:
-                kernel.counts[op] = len(re.findall(rf"\b{op}\b", code))
+                kernel.counts[op] = len(re.findall(_OPCODE[op], code))
             kernel.loops_with = loops_containing(code)
     return kernels
 
@@ -84,7 +90,7 @@ def loops_containing(code: str) -> list[set[str]]:
     import bisect
 
     instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
-    where = {op: [a for a, t in instrs if re.search(rf"\b{op}\b", t)] for op in COUNTED}
+    where = {op: [a for a, t in instrs if re.search(_OPCODE[op], t)] for op in COUNTED}
     loops = []
     for addr, text in instrs:
         m = _BRANCH.search(text)
@@ -141,6 +147,9 @@ def label(mangled: str) -> str:
     d = re.search(r"Li(\d+)E", mangled)
     if d:
         args.append(d.group(1))
+    mode = re.search(r"Li\d+ELb([01])E", mangled)   # attention_mass_mma_kernel<T, D, kCoarse>
+    if mode:
+        args.append("coarse" if mode.group(1) == "1" else "scatter")
     return f"{name}<{', '.join(args)}>" if args else name
 
 
@@ -155,15 +164,99 @@ def markdown(kernels: dict[tuple[str, str], Kernel], shared_bytes) -> str:
     """The table of every kernel per arch; ``shared_bytes(max_d)`` gives the dynamic shared
     memory of an attention_mass_mma_kernel variant."""
     rows = ["| arch | kernel | REG | local | stack | CTAs/SM by regs | CTAs/SM by smem | "
-            "HMMA | LDSM | LDGSTS |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "HMMA (f16 / bf16) | LDSM | LDGSTS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, name), k in sorted(kernels.items(), key=lambda kv: (kv[0][0], label(kv[0][1]))):
         dim = mma_variant_dim(name)
         smem = ctas_by_shared(arch, shared_bytes(dim), k.static_shared) if dim else None
         rows.append(f"| {arch} | {label(name)} | {k.registers} | {k.local} | {k.stack} | "
                     f"{ctas_by_registers(k.registers, 128) if dim else ''} | "
                     f"{'' if smem is None else smem} | "
-                    f"{k.counts.get('HMMA', 0)} | {k.counts.get('LDSM', 0)} | "
+                    f"{k.counts.get('HMMA', 0)} ({k.counts.get('HMMA.F16', 0)} / "
+                    f"{k.counts.get('HMMA.BF16', 0)}) | {k.counts.get('LDSM', 0)} | "
                     f"{k.counts.get('LDGSTS', 0)} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- bandwidth-bound kernels
+# cosine_alignment and grid_pyramid stream q / k / mass: their facts are 16-byte global loads
+# (LDG.E.128, LDG.E.128.CONSTANT, ...) inside their loops, registers, and CTAs per SM.
+WIDE_LOAD = re.compile(r"\bLDG(?:\.[A-Z0-9_]+)*\.128\b")
+BANDWIDTH_THREADS = {"cosine_rows_kernel": 128, "region_mean_keys_kernel": 256,
+                     "grid_pyramid_kernel": 256}
+# Dynamic shared memory of a grid_pyramid block at the wrapper's preferred strip size
+# (kawhi_kernels/cuda/grid_pyramid.py PREFERRED_SHARED_FLOATS fp32 slots).
+GRID_PYRAMID_SHARED_BYTES = 12 * 1024 * 4
+MAX_WARPS_PER_SM = {"sm_80": 64, "sm_86": 48, "sm_89": 48, "sm_90": 64}
+
+
+def ctas_per_sm(arch: str, registers: int, threads: int, dynamic: int, static: int) -> int:
+    """Resident CTAs per SM: the least of the register, shared-memory, warp and CTA limits."""
+    arch = arch.rstrip("af")
+    limits = [ctas_by_registers(registers, threads), MAX_CTAS_PER_SM.get(arch, 16),
+              MAX_WARPS_PER_SM.get(arch, 48) // -(-threads // 32)]
+    smem = ctas_by_shared(arch, dynamic, static)
+    return min(limits + ([] if smem is None else [smem]))
+
+
+def bandwidth_kernel(mangled: str) -> str | None:
+    """The base name of a bandwidth-bound kernel (one of BANDWIDTH_THREADS), else None."""
+    return next((k for k in BANDWIDTH_THREADS if k in mangled), None)
+
+
+def bandwidth_label(mangled: str) -> str:
+    """label() plus the load variant of the cosine kernels (template flag: vector / scalar)."""
+    base = label(mangled)
+    if "IfLb" in mangled and "<" not in base:
+        base += "<float>"
+    if "Lb1E" in mangled:
+        return base[:-1] + ", vector>" if base.endswith(">") else base + "<vector>"
+    if "Lb0E" in mangled:
+        return base[:-1] + ", scalar>" if base.endswith(">") else base + "<scalar>"
+    return base
+
+
+def wide_loads(code: str) -> tuple[int, int]:
+    """(16-byte global loads in a kernel's SASS, those inside a loop: between a backward branch's
+    target and the branch)."""
+    instrs = [(int(a, 16), text) for a, text in _INSTR.findall(code)]
+    loads = [a for a, t in instrs if WIDE_LOAD.search(t)]
+    loops = [(int(m.group(1), 16), a) for a, t in instrs
+             for m in [_BRANCH.search(t)] if m and int(m.group(1), 16) < a]
+    in_loop = sum(any(lo <= a <= hi for lo, hi in loops) for a in loads)
+    return len(loads), in_loop
+
+
+def read_wide_loads(so: str, cuobjdump: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(arch, mangled name): wide_loads(...)} of the bandwidth-bound kernels of ``so``."""
+    res = subprocess.run([cuobjdump, "-sass", so], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cuobjdump} -sass {so} failed:\n{res.stdout}{res.stderr}")
+    out = {}
+    for arch, body in _sections(res.stdout):
+        funcs = list(_FUNC_SASS.finditer(body))
+        for i, m in enumerate(funcs):
+            if bandwidth_kernel(m.group(1)):
+                code = body[m.end():funcs[i + 1].start() if i + 1 < len(funcs) else len(body)]
+                out[(arch, m.group(1))] = wide_loads(code)
+    return out
+
+
+def bandwidth_markdown(kernels: dict[tuple[str, str], Kernel],
+                       wide: dict[tuple[str, str], tuple[int, int]]) -> str:
+    """Table of the bandwidth-bound kernels per arch: registers, local memory, LDG.128 (all /
+    in loops), CTAs per SM by registers and resident CTAs per SM (registers, shared memory at
+    grid_pyramid's preferred strip, warps and CTAs per SM)."""
+    rows = ["| arch | kernel | REG | local | LDG.128 | LDG.128 in loops | threads | "
+            "CTAs/SM by regs | CTAs/SM |", "|---|---|---|---|---|---|---|---|---|"]
+    for (arch, name), (total, in_loop) in sorted(wide.items(),
+                                                 key=lambda kv: (kv[0][0], bandwidth_label(kv[0][1]))):
+        k = kernels.get((arch, name), Kernel(arch, name))
+        base = bandwidth_kernel(name)
+        threads = BANDWIDTH_THREADS[base]
+        dynamic = GRID_PYRAMID_SHARED_BYTES if base == "grid_pyramid_kernel" else 0
+        ctas = ctas_per_sm(arch, k.registers, threads, dynamic, k.static_shared)
+        rows.append(f"| {arch} | {bandwidth_label(name)} | {k.registers} | {k.local} | {total} | "
+                    f"{in_loop} | {threads} | {ctas_by_registers(k.registers, threads)} | {ctas} |")
     return "\n".join(rows)
 
 
@@ -172,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shared_object")
     parser.add_argument("--cuobjdump")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="print the table of the bandwidth-bound kernels (16-byte loads)")
     args = parser.parse_args(argv)
     tool = find_cuobjdump(args.cuobjdump)
     if tool is None:
@@ -184,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: cuobjdump not found", file=sys.stderr)
         return 2
     kernels = read(args.shared_object, tool)
+    if args.bandwidth:
+        print(bandwidth_markdown(kernels, read_wide_loads(args.shared_object, tool)))
+        return 0
     sys.path.insert(0, str(Path(args.shared_object).resolve().parent))
     import importlib.util
     spec = importlib.util.spec_from_file_location("_C", args.shared_object)

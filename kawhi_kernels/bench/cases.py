@@ -18,12 +18,13 @@ import torch
 from .._backend import available_backends
 from ..ops import attention_mass as am_op
 from ..ops import cosine_alignment as cos_op
+from ..ops import grid_pyramid as gp_op
 from ..ops._dispatch import load_implementation
 from . import accuracy
 from .baselines import (BaselineUnavailable, FlashForward, FlexAttentionMass, cosine_alignment_naive,
                         sguf_numpy)
 from .inputs import attention_inputs, cosine_inputs, response_texts, synthetic_image
-from .shapes import AttentionShape, CosineShape, KawhiShape, SgufShape
+from .shapes import AttentionShape, CosineShape, GridShape, KawhiShape, SgufShape
 
 
 class Unavailable(RuntimeError):
@@ -295,6 +296,48 @@ def cosine_read_bound_case(ctx: BenchContext, shape: CosineShape) -> Prepared:
                     "GB/s = bytes / time")
 
 
+# ----------------------------------------------------------------------------- grid_pyramid
+
+def _grid_data(ctx: BenchContext, shape: GridShape) -> list[torch.Tensor]:
+    def make():
+        gen = torch.Generator().manual_seed(ctx.seed + 5)
+        return [(torch.rand(shape.lead, shape.image_tokens, generator=gen) / shape.image_tokens)
+                .to(ctx.device, ctx.dtype) for _ in range(ctx.copies)]
+    return ctx.shared("grid_pyramid", shape, "inputs", make)
+
+
+def _grid_check(ctx: BenchContext, shape: GridShape) -> Callable[[list], float]:
+    def check(out: list) -> float:
+        grids = [list(g) for g in shape.grids]
+        ref = ctx.shared("grid_pyramid", shape, "reference", lambda: gp_op.grid_pyramid(
+            _grid_data(ctx, shape)[0].double(), grids, shape.levels, backend="torch"))
+        return max(accuracy.max_rel_err(a, b) for a, b in zip(out, ref))
+    return check
+
+
+def grid_backend_case(ctx: BenchContext, shape: GridShape, backend: str) -> Prepared:
+    """``grid_pyramid(mass, grids, levels, backend=backend)`` (torch: the reference, index_add per level)."""
+    _check_backend(ctx, backend, gp_op.IMPLEMENTATIONS)
+    data, grids = _grid_data(ctx, shape), [list(g) for g in shape.grids]
+
+    def run(i: int):
+        return gp_op.grid_pyramid(data[i], grids, shape.levels, backend=backend)
+    return Prepared(run, len(data), _grid_check(ctx, shape), _backend_note(ctx, backend))
+
+
+def grid_read_bound_case(ctx: BenchContext, shape: GridShape) -> Prepared:
+    """Bandwidth yardstick: read the mass once and write the finest level once (fp32), the
+    least traffic of any grid_pyramid whose first level is cell size 1."""
+    data = _grid_data(ctx, shape)
+    outs = [torch.empty(x.shape, dtype=torch.float32, device=ctx.device) for x in data]
+
+    def run(i: int):
+        return outs[i].copy_(data[i])
+    return Prepared(run, len(data), None,
+                    f"reads {data[0].numel() * data[0].element_size()} bytes, writes "
+                    f"{data[0].numel() * 4} (fp32 level 1); GB/s = bytes / time")
+
+
 # ----------------------------------------------------------------------------- SGUF
 
 def _sguf_images(ctx: BenchContext, shape: SgufShape):
@@ -452,9 +495,10 @@ def kawhi_step_case(ctx: BenchContext, shape: KawhiShape, variant: str) -> Prepa
 ATTENTION_BACKENDS = ("naive", "torch", "triton", "cuda", "flex", "flash", "flash_colreduce")
 COSINE_BACKENDS = ("naive", "torch", "triton", "cuda", "read_bound")
 SGUF_BACKENDS = ("numpy_skimage", "kawhi")
+GRID_BACKENDS = ("torch", "triton", "cuda", "read_bound")
 KAWHI_VARIANTS = ("forward", "forward+capture", "forward+capture+kawhi")
 BASELINES = {"attention_mass": "naive", "cosine_alignment": "naive", "sguf": "numpy_skimage",
-             "kawhi_step": "forward"}
+             "kawhi_step": "forward", "grid_pyramid": "torch"}
 
 
 def cases_for(op: str, shape) -> list[Case]:
@@ -479,6 +523,10 @@ def cases_for(op: str, shape) -> list[Case]:
     elif op == "sguf":
         cases.append(Case(op, "numpy_skimage", shape, lambda ctx: sguf_numpy_case(ctx, shape)))
         cases.append(Case(op, "kawhi", shape, lambda ctx: sguf_kawhi_case(ctx, shape)))
+    elif op == "grid_pyramid":
+        for backend in ("torch", "triton", "cuda"):
+            cases.append(Case(op, backend, shape, lambda ctx, b=backend: grid_backend_case(ctx, shape, b)))
+        cases.append(Case(op, "read_bound", shape, lambda ctx: grid_read_bound_case(ctx, shape)))
     elif op == "kawhi_step":
         for variant in KAWHI_VARIANTS:
             cases.append(Case(op, variant, shape, lambda ctx, v=variant: kawhi_step_case(ctx, shape, v)))

@@ -11,11 +11,10 @@ response rows are then sliced out. Units are checked, not assumed (:func:`lse_un
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-LN2 = math.log(2.0)
+# Shared with the capture, which reads the same ops' lse during the model's forward.
+from ..integrations.attention_lse import LN2, lse_units, to_natural_log  # noqa: F401
 
 
 def _flash_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
@@ -62,24 +61,3 @@ def sdpa_flash_lse(q_full: torch.Tensor, k_full: torch.Tensor, cu_seqlens: torch
     if not parts:
         return q_full.new_zeros((hq, 0), dtype=torch.float32)
     return torch.cat(parts, dim=1).contiguous()
-
-
-def lse_units(lse: torch.Tensor, reference_natural: torch.Tensor) -> tuple[str, float]:
-    """Which units ``lse`` is in, judged against a natural-log reference of the same rows:
-    ("natural" | "log2", max abs error of that reading). Only finite reference entries count."""
-    keep = torch.isfinite(reference_natural)
-    got, ref = lse[keep].double(), reference_natural[keep].double()
-    if got.numel() == 0:
-        return "natural", 0.0
-    err_nat = float((got - ref).abs().max())
-    err_log2 = float((got * LN2 - ref).abs().max())
-    return ("natural", err_nat) if err_nat <= err_log2 else ("log2", err_log2)
-
-
-def to_natural_log(lse: torch.Tensor, units: str) -> torch.Tensor:
-    """fp32 natural-log lse from ``units`` ("natural" or "log2")."""
-    if units == "natural":
-        return lse.float()
-    if units == "log2":
-        return (lse.double() * LN2).float()
-    raise ValueError(f"units: expected 'natural' or 'log2', got {units!r}")

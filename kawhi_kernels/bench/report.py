@@ -16,7 +16,7 @@ CSV_COLUMNS = [
 ]
 
 BASELINE = {"attention_mass": "naive", "cosine_alignment": "naive", "sguf": "numpy_skimage",
-            "kawhi_step": "forward"}
+            "kawhi_step": "forward", "grid_pyramid": "torch"}
 
 
 # ----------------------------------------------------------------------------- CSV

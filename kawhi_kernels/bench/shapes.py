@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-OPS = ("attention_mass", "cosine_alignment", "sguf", "kawhi_step")
+OPS = ("attention_mass", "cosine_alignment", "sguf", "kawhi_step", "grid_pyramid")
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,28 @@ class SgufShape:
 
 
 @dataclass(frozen=True)
+class GridShape:
+    """``grid_pyramid`` of ``lead`` rows of per-token values (e.g. response rows x vision heads
+    of an ``attention_mass`` with one region per image token) over images ``grids`` (t, h, w),
+    ``levels`` cell sizes 1, 2, ..., 2^(levels - 1)."""
+
+    name: str
+    family: str
+    grids: tuple[tuple[int, int, int], ...]
+    lead: int
+    levels: int = 3
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(t * h * w for t, h, w in self.grids)
+
+    def columns(self) -> dict:
+        return dict(shape=self.name, batch=len(self.grids), seq_len="", rows=self.lead,
+                    image_tokens=self.image_tokens, regions="grid",
+                    output=f"{self.levels} levels", heads="", causal="")
+
+
+@dataclass(frozen=True)
 class KawhiShape:
     """One KAWHI step on a random Qwen2.5-VL: ``batch`` responses (G) to one image prompt.
 
@@ -276,16 +298,32 @@ def _full_kawhi() -> list[KawhiShape]:
     ]
 
 
+def _quick_grid() -> list[GridShape]:
+    return [GridShape("q-gp-2img", "grids", ((1, 8, 8), (2, 4, 6)), 16, 3)]
+
+
+def _full_grid() -> list[GridShape]:
+    return [
+        # 2048 response rows x 9 vision heads over one 32 x 32 image (the target shape's regions)
+        GridShape("gp-target-1img", "target", ((1, 32, 32),), 2048 * 9, 3),
+        GridShape("gp-multi-img", "grids", ((1, 36, 28), (1, 18, 24), (2, 7, 13)), 4096, 4),
+        GridShape("gp-video", "grids", ((8, 16, 16),), 2048, 4),
+        GridShape("gp-large-frame", "grids", ((1, 128, 96),), 1024, 6),   # stripped by CUDA
+    ]
+
+
 _SHAPES = {
     ("attention_mass", True): _quick_attention, ("attention_mass", False): _full_attention,
     ("cosine_alignment", True): _quick_cosine, ("cosine_alignment", False): _full_cosine,
     ("sguf", True): _quick_sguf, ("sguf", False): _full_sguf,
     ("kawhi_step", True): _quick_kawhi, ("kawhi_step", False): _full_kawhi,
+    ("grid_pyramid", True): _quick_grid, ("grid_pyramid", False): _full_grid,
 }
 
 
 def shapes_for(op: str, quick: bool) -> list:
-    """The shapes of ``op`` ("attention_mass", "cosine_alignment", "sguf", "kawhi_step") for the
+    """The shapes of ``op`` ("attention_mass", "cosine_alignment", "sguf", "kawhi_step",
+    "grid_pyramid") for the
     quick (tiny, CPU) or the full (GPU) sweep, most important first."""
     if op not in OPS:
         raise ValueError(f"op: expected one of {list(OPS)}, got {op!r}")

@@ -7,6 +7,8 @@ where it cannot. The public ops send fp64 inputs to the torch reference.
 """
 from .attention_mass import attention_mass_cuda
 from .cosine_alignment import cosine_alignment_cuda
+from .grid_pyramid import grid_pyramid_cuda
 from .sguf_descriptors import patch_descriptors_cuda
 
-__all__ = ["attention_mass_cuda", "cosine_alignment_cuda", "patch_descriptors_cuda"]
+__all__ = ["attention_mass_cuda", "cosine_alignment_cuda", "grid_pyramid_cuda",
+           "patch_descriptors_cuda"]

@@ -1,4 +1,4 @@
-"""CUDA ``attention_mass`` (hand-written kernel in csrc/attention_mass.cu), thin wrapper.
+"""CUDA ``attention_mass`` (hand-written kernels in csrc/attention_mass*.cu), thin wrapper.
 
 Builds the row-block table on the host, hands raw pointers, sizes, strides, the dtype code and
 torch's current stream to ``kawhi_kernels._C.attention_mass`` and returns the fp32 output.
@@ -6,14 +6,17 @@ torch's current stream to ``kawhi_kernels._C.attention_mass`` and returns the fp
 Two kernels, chosen here (:func:`tensor_core_slots`):
 
 * tensor cores (csrc/attention_mass_mma.cu) for fp16/bf16 inputs with a head dim that is a
-  multiple of 16 and no ``deterministic`` request: a CTA per (row block, group of output slots
-  sharing a KV head), mma.sync scores over cp.async-staged K tiles, online softmax, then the
-  region mass added with fp32 atomics (per-row and segment outputs alike);
+  multiple of 16: a CTA per (row block, group of output slots sharing a KV head), mma.sync
+  scores over cp.async-staged K tiles, online softmax, then the probabilities multiplied on the
+  tensor cores by a one-hot region tile (R ≤ 64: one accumulator for the whole pass; R > 64: a
+  per-tile one, flushed after each tile). Per-row outputs have one writer per element; segment
+  outputs add shared-memory column sums with fp32 atomics, or with ``deterministic=True`` write
+  per-block partial rows summed in a fixed order;
 * one warp per (row block, head) (csrc/attention_mass.cu) for everything else (fp32 inputs,
-  other head dims, ``deterministic=True``, an explicit ``block_rows``): an online-softmax pass
-  (skipped when ``lse`` is given), then a pass adding p = exp(s − lse) into the row's regions.
-  Per-row outputs are written without atomics; segment outputs use fp32 atomicAdd, or with
-  ``deterministic=True`` per-block partial rows summed in a fixed order (bit-identical runs).
+  other head dims, an explicit ``block_rows``): an online-softmax pass (skipped when ``lse`` is
+  given), then a pass adding p = exp(s − lse) into the row's regions. Per-row outputs are
+  written without atomics; segment outputs use fp32 atomicAdd, or with ``deterministic=True``
+  per-block partial rows summed in a fixed order (bit-identical runs).
 
 The public op sends fp64 inputs to the torch reference; the kernel reads fp16/bf16/fp32.
 """
@@ -41,15 +44,15 @@ MMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def tensor_core_slots(q: torch.Tensor, k: torch.Tensor, heads: list[int], hq: int, hk: int,
-                      deterministic: bool, block_rows: int | None) -> int:
+                      block_rows: int | None) -> int:
     """Slots per CTA (1, 2 or 4) when the tensor-core kernel takes this call, else 0.
 
-    It takes fp16/bf16 q and k with a head dim that is a multiple of 16, 16-byte aligned rows
-    (cp.async) and no ``deterministic`` request (it adds with atomics); an explicit
-    ``block_rows`` asks for the warp-per-row kernel. The C++ launcher checks the same rules.
+    It takes fp16/bf16 q and k with a head dim that is a multiple of 16 and 16-byte aligned rows
+    (cp.async), deterministic or not; an explicit ``block_rows`` asks for the warp-per-row
+    kernel. The C++ launcher checks the same rules.
     """
     d = q.shape[2]
-    if (block_rows is not None or deterministic or q.dtype not in MMA_DTYPES or d % 16
+    if (block_rows is not None or q.dtype not in MMA_DTYPES or d % 16
             or any(x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8 for x in (q, k))):
         return 0
     per_kv = torch.bincount(torch.tensor(heads, dtype=torch.int64) // (hq // hk), minlength=hk)
@@ -104,7 +107,8 @@ def attention_mass_cuda(
         softmax_scale: default 1/√D.
         deterministic: bit-identical segment sums (no float atomics).
         block_rows: rows per warp of the warp-per-row kernel (default 8, or 64 for
-            deterministic segment sums); giving it selects that kernel.
+            deterministic segment sums); giving it selects that kernel. The tensor-core
+            kernel's row blocks are 64 / slots-per-CTA rows (:func:`tensor_core_slots`).
 
     Returns:
         fp32 [num_segments or total_q, len(heads), R].
@@ -121,7 +125,7 @@ def attention_mass_cuda(
     partial = segmented and deterministic
     q = last_dim_contiguous(q)
     k = last_dim_contiguous(k)
-    slots_per_cta = tensor_core_slots(q, k, heads, hq, hk, deterministic, block_rows)
+    slots_per_cta = tensor_core_slots(q, k, heads, hq, hk, block_rows)
     if slots_per_cta:
         block_rows = MMA_WARP_ROWS * (MMA_WARPS // slots_per_cta)
     elif block_rows is None:

@@ -20,6 +20,12 @@ after the image): the ops align causal masks bottom-right, which equals the mode
 only for such suffix rows. Other selections raise ``ValueError`` (cut the batch after the rows of
 interest instead).
 
+The softmax normaliser is, by default, the one the model's attention already computed
+(``capture_qk(..., capture_lse=True)``: SDPA's flash kernels, flash-attn 2, eager scores), so
+``attention_mass`` skips its own normaliser pass; where a layer's kernel gives none (e.g. SDPA's
+math / memory-efficient path on a padded CUDA batch) ``attention_mass`` computes it. Where each
+layer's came from is counted in ``HeadProfile.meta["lse_sources"]``.
+
 The ranking pools layers per head index, as the KAWHI paper's head selection does: heads are
 sorted by their mass averaged over the profiled layers.
 """
@@ -186,6 +192,7 @@ class _Accumulator:
         self.num_sequences = 0
         self.num_rows = 0
         self.log_patches = 0.0
+        self.lse_sources: dict[str, int] = {}    # lse source -> layer calls
 
     def start_batch(self, input_ids: torch.Tensor) -> None:
         self.input_ids = input_ids
@@ -243,7 +250,10 @@ class _Accumulator:
             raise ValueError(f"model: layer {layer} has {hq} query heads, earlier layers {self.mass_sum.shape[1]}")
         if plan is None:
             return
-        per_patch = plan.run(record.q, record.k).double()                        # [S, H, R], summed over rows
+        # The model's own normaliser when the capture kept one, else attention_mass computes it.
+        source = "attention_mass" if record.lse_source is None else record.lse_source
+        self.lse_sources[source] = self.lse_sources.get(source, 0) + 1
+        per_patch = plan.run(record.q, record.k, record.lse).double()                        # [S, H, R], summed over rows
         total = per_patch.sum(dim=-1)                                            # [S, H]
         mass = total / row_counts.clamp(min=1)[:, None]
         p = per_patch / torch.where(total > 0, total, torch.ones_like(total))[..., None]
@@ -276,6 +286,7 @@ def profile_heads(
     backend: str = "auto",
     model_name: str = "",
     progress: bool = False,
+    use_model_lse: bool = True,
 ) -> HeadProfile:
     """Profile the attention mass every (layer, query head) puts on image tokens.
 
@@ -294,10 +305,14 @@ def profile_heads(
         backend: ``attention_mass`` backend ("auto", "torch", "triton", "cuda").
         model_name: name stored in the profile for reports.
         progress: show a tqdm bar over batches.
+        use_model_lse: pass the softmax normaliser the model's attention computed to
+            ``attention_mass`` (default); False makes ``attention_mass`` compute its own.
 
     Returns:
         :class:`HeadProfile` with ``mass`` / ``entropy`` float64 [L, H] (0 where no sequence had
-        query rows and image tokens).
+        query rows and image tokens). ``meta["lse_sources"]`` maps where each (layer, batch)
+        normaliser came from (:attr:`QKRecord.lse_source`; ``"attention_mass"`` = computed by the
+        op, ``"none: …"`` = the model's kernel gave none, so the op computed it) to its count.
 
     Raises:
         ValueError for non-suffix query rows, a missing ``input_ids``, a query mask of the wrong
@@ -313,6 +328,8 @@ def profile_heads(
         raise TypeError(f"image_token_id: expected an int, got {type(image_token_id).__name__}")
     if isinstance(batches, Mapping):
         batches = [batches]
+    if not isinstance(use_model_lse, bool):
+        raise TypeError(f"use_model_lse: expected a bool, got {type(use_model_lse).__name__}")
     if query_mask_fn is not None and not callable(query_mask_fn):
         raise TypeError(f"query_mask_fn: expected a callable fn(batch) -> bool [B, L], got {type(query_mask_fn).__name__}")
 
@@ -344,7 +361,7 @@ def profile_heads(
                              f"(the batch's [B, L]), got {got}")
         acc.start_batch(input_ids)
         with torch.no_grad(), capture_qk(model, layer_list, query_mask=query_mask.to(input_ids.device),
-                                         on_layer=acc):
+                                         on_layer=acc, capture_lse=use_model_lse):
             _call_model(model, inputs)
         num_batches += 1
     if acc.num_sequences == 0:
@@ -354,4 +371,5 @@ def profile_heads(
     return HeadProfile(mass=acc.mass_sum / count, entropy=acc.entropy_sum / count, layers=layer_list,
                        num_sequences=acc.num_sequences, num_rows=acc.num_rows,
                        max_entropy=acc.log_patches / acc.num_sequences, model=model_name,
-                       meta=dict(num_batches=num_batches, image_token_id=image_token_id, backend=backend))
+                       meta=dict(num_batches=num_batches, image_token_id=image_token_id, backend=backend,
+                                 lse_sources=dict(acc.lse_sources)))

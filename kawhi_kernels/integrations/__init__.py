@@ -1,9 +1,11 @@
-"""Framework integrations: transformers Q/K capture, plain-PyTorch GRPO/DAPO/GSPO helpers, TRL and
-verl hooks, head-sharded reductions, and tiny random Qwen-VL models for tests and examples.
+"""Framework integrations: transformers Q/K capture, plain-PyTorch GRPO/DAPO/GSPO helpers, SGUF key
+regions of raw images (shared by TRL and verl), TRL and verl hooks, head-sharded reductions, and
+tiny random Qwen-VL models for tests and examples.
 
 ``KAWHIGRPOTrainer`` (needs ``trl``) and the ``verl`` module are imported lazily.
 """
 from .distributed import allreduce_head_partial_sums, local_head_range
+from .image_regions import RegionCache, key_mask_for_sequence, regions_for_grids
 from .rl import (
     KAWHIStep,
     grpo_token_loss,
@@ -37,4 +39,5 @@ __all__ = [
     "selected_image_key_mask", "grpo_token_loss", "gspo_token_loss",
     "allreduce_head_partial_sums", "local_head_range", "KAWHIGRPOTrainer",
     "tiny_qwen2_5_vl", "tiny_qwen2_vl", "tiny_qwen3_vl", "tiny_vl_inputs",
+    "RegionCache", "regions_for_grids", "key_mask_for_sequence",
 ]

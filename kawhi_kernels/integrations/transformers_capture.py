@@ -16,11 +16,17 @@ Layout of one forward (``B`` rows of length ``L`` as seen by the text model):
 * keys: every non-pad token of each sequence (pads = zeros of the 2-D ``attention_mask``);
 * queries: the non-pad tokens selected by ``query_mask`` [B, L] (default: all non-pad tokens).
 
+With ``capture_lse=True`` each record also carries the softmax normaliser the layer's own
+attention computed (``QKRecord.lse``, fp32 [Hq, total_q], natural log; see
+:mod:`kawhi_kernels.integrations.attention_lse` for which kernels provide it), or ``None`` with the
+reason in ``QKRecord.lse_source``. Off by default: then nothing but the Q/K copy is added.
+
 Note: with ``sdpa``/``eager`` transformers itself only honours packing (restarting position ids
 without an attention mask) when ``use_cache=False``; the capture always splits sequences.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from dataclasses import dataclass
@@ -52,6 +58,12 @@ class QKRecord:
         q_batch, q_pos: int64 [total_q] batch row and column (in the [B, L] input) of each q row.
         k_batch, k_pos: int64 [total_k] batch row and column of each key.
         softmax_scale: the scale the layer uses (``module.scaling``, 1/sqrt(D) for Qwen).
+        lse: with ``capture_lse``, fp32 [Hq, total_q] natural-log softmax normaliser of each q row
+            over the keys the model let it see, as the layer's attention computed it (the layout of
+            ``attention_mass(lse=...)``); None when not captured or not available.
+        lse_source: None without ``capture_lse``; else the op it came from ("sdpa_flash",
+            "sdpa_flash_cpu", "flash_attn", "flash_attn_varlen", "eager_scores") or
+            "none: <why no lse was available>".
     """
 
     layer: int
@@ -64,6 +76,8 @@ class QKRecord:
     k_batch: torch.Tensor
     k_pos: torch.Tensor
     softmax_scale: float
+    lse: torch.Tensor | None = None
+    lse_source: str | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -99,6 +113,7 @@ class _Layout:
     k_pos: torch.Tensor
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
+    lse_targets: object = None      # attention_lse.LSETargets when the lse is captured
 
 
 def _text_model_classes() -> tuple[type, ...]:
@@ -156,8 +171,9 @@ def _wrapper_for(impl: str) -> Callable:
 
     def kawhi_capture_attention(module, query, key, value, attention_mask, **kwargs):
         entry = _ACTIVE_LAYERS.get(id(module))
+        pending = None
         if entry is not None and entry[0] is module:
-            entry[1]._capture(entry[2], module, query, key)
+            pending = entry[1]._capture(entry[2], module, query, key)
         original = _original_attention(module, impl)
         # The original may read the implementation name from the config (flash picks its kernel
         # from it), so it sees its own name while it runs.
@@ -165,9 +181,18 @@ def _wrapper_for(impl: str) -> Callable:
         wrapped = config._attn_implementation_internal
         config._attn_implementation_internal = impl
         try:
-            return original(module, query, key, value, attention_mask, **kwargs)
+            if pending is None:
+                return original(module, query, key, value, attention_mask, **kwargs)
+            # capture_lse: the same call, watched for the normaliser its kernel returns.
+            from .attention_lse import run_watched
+
+            targets = dataclasses.replace(entry[1]._layout.lse_targets, q_rows=pending.q)
+            out, found = run_watched(original, targets, eager=impl == "eager",
+                                     args=(module, query, key, value, attention_mask), kwargs=kwargs)
         finally:
             config._attn_implementation_internal = wrapped
+        entry[1]._deliver(dataclasses.replace(pending, lse=found.lse, lse_source=found.source))
+        return out
 
     kawhi_capture_attention.__qualname__ = f"kawhi_capture_attention[{impl}]"
     _WRAPPERS[impl] = kawhi_capture_attention
@@ -204,7 +229,7 @@ def _sequence_ids(batch: int, length: int, device, cu_seqlens: torch.Tensor | No
 
 def _build_layout(batch: int, length: int, device, attention_mask: torch.Tensor | None,
                   cu_seqlens: torch.Tensor | None, text_position_ids: torch.Tensor | None,
-                  query_mask: torch.Tensor | None) -> _Layout:
+                  query_mask: torch.Tensor | None, lse_heads: int | None = None) -> _Layout:
     seq, num_seq = _sequence_ids(batch, length, device, cu_seqlens, text_position_ids)
     valid = (torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None
              else attention_mask.to(device).bool())
@@ -225,7 +250,14 @@ def _build_layout(batch: int, length: int, device, attention_mask: torch.Tensor 
     if query_mask is not None:
         q_sel = valid & query_mask.to(device=device, dtype=torch.bool)
     q_batch, q_pos, cu_q = pick(q_sel)
-    return _Layout(batch, length, q_batch, q_pos, k_batch, k_pos, cu_q, cu_k)
+    targets = None
+    if lse_heads is not None:
+        from .attention_lse import LSETargets
+
+        # Index of each q row among the keys (both row-major, q ⊂ k): the token order of varlen kernels.
+        q_in_k = torch.searchsorted(k_batch * length + k_pos, q_batch * length + q_pos)
+        targets = LSETargets(batch, length, lse_heads, q_batch, q_pos, q_in_k, cu_k)
+    return _Layout(batch, length, q_batch, q_pos, k_batch, k_pos, cu_q, cu_k, targets)
 
 
 class QKCapture:
@@ -235,8 +267,11 @@ class QKCapture:
     to its :class:`QKRecord` (only the most recent forward is kept; with ``on_layer`` nothing is
     stored). ``num_forwards`` counts the text-model forwards seen."""
 
-    def __init__(self, model, layers, *, query_mask=None, cu_seqlens=None, on_layer=None):
+    def __init__(self, model, layers, *, query_mask=None, cu_seqlens=None, on_layer=None, capture_lse=False):
         self.text_model = _find_text_model(model)
+        if capture_lse not in (False, True, "require"):
+            raise ValueError(f"capture_lse: expected False, True or 'require', got {capture_lse!r}")
+        self.capture_lse = capture_lse
         self.layers = _normalise_layers(layers, len(self.text_model.layers))
         if query_mask is not None:
             check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,))
@@ -335,8 +370,10 @@ class QKCapture:
         text_positions = None
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3 and position_ids.shape[0] == 4:
             text_positions = position_ids[0]
+        heads = self._attn_modules[0].config.num_attention_heads if self.capture_lse else None
         self._layout = _build_layout(batch, length, device, attention_mask, cu,
-                                     text_positions if attention_mask is None else None, self.query_mask)
+                                     text_positions if attention_mask is None else None, self.query_mask,
+                                     lse_heads=heads)
         self._done = set()
         self.num_forwards += 1
         if self.on_layer is None:
@@ -352,15 +389,18 @@ class QKCapture:
             raise ValueError("cu_seq_lens_q/cu_seq_lens_k: capture_qk needs both, and equal (self-attention)")
         return check_cu_seqlens("cu_seq_lens_q", cu_q, batch * length)
 
-    def _capture(self, layer: int, module, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Called by the wrapper with the layer's post-RoPE query [B, Hq, L, D], key [B, Hk, L, D]."""
+    def _capture(self, layer: int, module, query: torch.Tensor, key: torch.Tensor) -> QKRecord | None:
+        """Called by the wrapper with the layer's post-RoPE query [B, Hq, L, D], key [B, Hk, L, D].
+        Delivers the record at once, or, with ``capture_lse``, returns it for the wrapper to
+        complete with the lse of the attention call and :meth:`_deliver`."""
         layout = self._layout
         if layout is None:
             raise RuntimeError("capture_qk: attention ran without passing through the text model's forward")
         if layer in self._done:  # activation-checkpoint recomputation of the same forward
-            return
+            return None
         b, _, lq, _ = query.shape
-        if (b, lq) != (layout.batch, layout.length) or key.shape[2] != lq:
+        if (b, lq) != (layout.batch, layout.length) or key.shape[2] != lq \
+                or (layout.lse_targets is not None and query.shape[1] != layout.lse_targets.num_heads):
             raise ValueError(f"capture_qk: layer {layer} got query {tuple(query.shape)} and key {tuple(key.shape)}; "
                              f"expected batch {layout.batch} and {layout.length} query and key positions")
         dev = query.device
@@ -371,15 +411,25 @@ class QKCapture:
                           q_batch=layout.q_batch, q_pos=layout.q_pos, k_batch=layout.k_batch, k_pos=layout.k_pos,
                           softmax_scale=float(module.scaling))
         self._done.add(layer)
+        if self.capture_lse:
+            return record
+        self._deliver(record)
+        return None
+
+    def _deliver(self, record: QKRecord) -> None:
+        if self.capture_lse == "require" and record.lse is None:
+            raise RuntimeError(f"capture_lse='require': layer {record.layer} ({self.attn_implementation}) gave no "
+                               f"lse: {record.lse_source[len('none: '):]}")
         if self.on_layer is not None:
-            self.on_layer(layer, record)
+            self.on_layer(record.layer, record)
         else:
-            self.records[layer] = record
+            self.records[record.layer] = record
 
 
 def capture_qk(model, layers: Sequence[int] | str, *, query_mask: torch.Tensor | None = None,
                cu_seqlens: torch.Tensor | None = None,
-               on_layer: Callable[[int, QKRecord], None] | None = None) -> QKCapture:
+               on_layer: Callable[[int, QKRecord], None] | None = None,
+               capture_lse: bool | str = False) -> QKCapture:
     """Context manager capturing post-RoPE Q/K of ``layers`` of a Qwen-VL text model, in the forward
     that runs (no extra pass), under ``torch.no_grad`` (tensors detached).
 
@@ -394,6 +444,11 @@ def capture_qk(model, layers: Sequence[int] | str, *, query_mask: torch.Tensor |
             forward kwargs or restarting text position ids, else one sequence per batch row.
         on_layer: optional ``on_layer(layer_idx, record)`` called for each captured layer during
             the forward; nothing is stored in ``records`` then.
+        capture_lse: False (default: no watcher, nothing extra), True (each record also carries
+            the normaliser the layer's attention computed, ``record.lse`` fp32 [Hq, total_q], or
+            None with the reason in ``record.lse_source``) or "require" (RuntimeError when a layer
+            gives none). The attention call is then run under a pass-through dispatch mode; its
+            outputs are unchanged. Consumers that use cosine alignment only need no lse.
 
     Returns a :class:`QKCapture`; use ``with capture_qk(model, [-1]) as cap: model(**inputs)`` and
     read ``cap.records[layer]`` (:class:`QKRecord`, packed varlen q [total_q, Hq, D],
@@ -404,4 +459,5 @@ def capture_qk(model, layers: Sequence[int] | str, *, query_mask: torch.Tensor |
     index out of range, a wrong ``query_mask`` / ``cu_seqlens`` shape (checked at the forward) or
     an unsupported attention implementation.
     """
-    return QKCapture(model, layers, query_mask=query_mask, cu_seqlens=cu_seqlens, on_layer=on_layer)
+    return QKCapture(model, layers, query_mask=query_mask, cu_seqlens=cu_seqlens, on_layer=on_layer,
+                     capture_lse=capture_lse)

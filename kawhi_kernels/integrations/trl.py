@@ -26,15 +26,14 @@ numerically the sequence ratio s_g, with per-token gradients).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..credit.advantages import reweight_advantages
 from ..credit.pipeline import KAWHI
+from .image_regions import RegionCache, regions_for_grids
 from .rl import response_query_mask, response_texts_and_offsets, selected_image_key_mask
 from .transformers_capture import QKRecord, capture_qk
 
@@ -126,30 +125,19 @@ class KAWHIGRPOTrainer(GRPOTrainer):
         policy = self._policy_for_capture()
         config = policy.config
         vision = config.vision_config
-        merge, patch = int(vision.spatial_merge_size), int(vision.patch_size)
-        grids = output["image_grid_thw"].tolist()
+        grids = output["image_grid_thw"]
         counts = [len(r) for r in rows]
         if sum(counts) != len(grids):
             raise RuntimeError(f"KAWHI: the batch has {sum(counts)} dataset images but the processor produced "
                                f"{len(grids)} image grids")
         # SGUF once per distinct image content: the G rollouts of a prompt share the selection.
-        cache: dict = {}
+        flat = regions_for_grids(self.kawhi, [img for r in rows for img in r], grids,
+                                 merge_size=int(vision.spatial_merge_size), patch_size=int(vision.patch_size),
+                                 cache=RegionCache())   # per generation batch
         row_regions, index = [], 0
-        for images in rows:
-            regions = []
-            for image in images:
-                t, h, w = grids[index]
-                index += 1
-                if t != 1 or h % merge or w % merge:
-                    raise ValueError(f"image_grid_thw: KAWHI expects single-frame images with h, w multiples of "
-                                     f"{merge}, got {(t, h, w)}")
-                grid_hw = (h // merge, w // merge)
-                pixels = _as_uint8_rgb(image, (grid_hw[1] * merge * patch, grid_hw[0] * merge * patch))
-                key = (hashlib.sha1(pixels.tobytes()).hexdigest(), grid_hw)
-                if key not in cache:
-                    cache[key] = self.kawhi.select_regions([torch.from_numpy(pixels)], [grid_hw])[0]
-                regions.append(cache[key])
-            row_regions.append(regions)
+        for n in counts:
+            row_regions.append(flat[index:index + n])
+            index += n
         prompt_completion = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         image_token_id = int(config.image_token_id)
         output["kawhi_key_mask"] = selected_image_key_mask(prompt_completion, image_token_id, row_regions)
@@ -267,24 +255,3 @@ def _row_images(example: dict) -> list:
         return [example["image"]]
     return []
 
-
-def _as_uint8_rgb(image, size_wh: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W, 3] array of a PIL image / array / tensor, resized (bicubic) to ``size_wh`` if needed."""
-    from PIL import Image
-
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-            array = np.moveaxis(array, 0, -1)
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.max() <= 1.0 else 1.0
-            array = np.clip(array * scale, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image: expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
-    image = image.convert("RGB")
-    if image.size != tuple(size_wh):
-        image = image.resize(tuple(size_wh), Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8).copy()

@@ -2,26 +2,26 @@
 
 Data flow in a verl PPO step (see ``examples/verl_grpo_kawhi.md`` for the full recipe):
 
-1. driver, after the rollout: SGUF once per prompt image →
-   ``data.batch["kawhi_key_mask"]`` bool [B, P+R] (:func:`~kawhi_kernels.integrations.rl.selected_image_key_mask`);
+1. agent-loop workers, where the raw images are: SGUF once per prompt image → the bool key mask
+   ``kawhi_key_mask`` over prompt + response (padded [B, P+R] in the legacy trainer, one unpadded
+   row per sample in the v1 TransferQueue; :mod:`~kawhi_kernels.integrations.verl_agent_loop`);
 2. actor, inside the old-log-prob forward that already runs (remove-padding layout, one packed
-   row, ``cu_seqlens`` from the unpadded lengths): :func:`capture_kawhi_alpha` computes α for
-   every response token from the final layer's post-RoPE Q/K → ``kawhi_alpha``, a per-token
-   model output like verl's ``entropy``; under Ulysses sequence parallelism, with head-sharded Q/K,
-   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group. In verl
-   0.9.1's engine worker this happens automatically (:mod:`~kawhi_kernels.integrations.verl_engine`);
-3. trainer: :func:`kawhi_token_weights_from_alpha` → ``kawhi_token_weights`` [B, R] (done by the
-   patched v1 ``_compute_old_log_prob``; by hand in the legacy trainer);
+   row, ``cu_seqlens`` from the unpadded lengths): α for every response token from the chosen
+   layer's post-RoPE Q/K → ``kawhi_alpha``, a per-token model output like verl's ``entropy``;
+   under Ulysses sequence parallelism, with head-sharded Q/K after the all-to-all,
+   :func:`kawhi_alpha_packed` reduces partial sums over local heads across the group
+   (:mod:`~kawhi_kernels.integrations.verl_engine`, taps in :mod:`~kawhi_kernels.integrations.verl_actor`);
+3. trainer: :func:`kawhi_token_weights_from_alpha` → ``kawhi_token_weights`` [B, R] (the patched
+   v1 and legacy ``_compute_old_log_prob``);
 4. ``algorithm.adv_estimator=grpo_kawhi``: :func:`compute_grpo_kawhi_advantage` — verl's GRPO
    outcome advantage times the weights. verl's generic ``compute_advantage`` passes an estimator
    only ``token_level_rewards``, ``response_mask``, ``index`` and ``config``, so
    :func:`patch_verl_compute_advantage` routes ``grpo_kawhi`` through :func:`compute_kawhi_advantage`,
    which also reads the weights from the batch. The ``verl.plugins`` entry point
-   (:mod:`~kawhi_kernels.integrations.verl_plugin`) applies the registration and the patches in
+   (:mod:`~kawhi_kernels.integrations.verl_plugin`) applies the registration and all patches in
    every process that imports verl, for the v1 and the legacy trainer.
 
-Per-token convention: own position (see :func:`to_verl_token_layout`). Under verl's monkey patch
-of Qwen2/2.5-VL, α is tapped by :class:`~kawhi_kernels.integrations.verl_actor.VerlQwen2VLAlphaTap`.
+Per-token convention: own position (see :func:`to_verl_token_layout`).
 
 Config keys (``algorithm.kawhi.*``, read by :func:`kawhi_from_config`): ``tau`` (0.05), ``lam``
 (0.1), ``w_min`` (0.1), ``w_max`` (1.0), ``rescale`` (null | "mean"), ``heads`` (null = all, a
@@ -34,7 +34,6 @@ importing this module registers ``grpo_kawhi`` when ``verl`` is importable.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from ..credit.paragraphs import paragraph_ids_batch
 from ..credit.pipeline import KAWHI
 from ..credit.weights import paragraph_weights
 from ..ops.cosine_alignment import cosine_alignment
+from ._patching import patch_attribute
 from .distributed import allreduce_head_partial_sums, group_rank_and_size
 from .transformers_capture import QKRecord, capture_qk
 
@@ -243,23 +243,20 @@ def patch_verl_compute_advantage(modules=None) -> None:
         except ImportError:
             pass
     for module in modules:
-        original = module.compute_advantage
-        if getattr(original, "_kawhi_wrapped", False):
-            continue
+        patch_attribute(module, "compute_advantage", _make_compute_advantage)
 
-        @functools.wraps(original)
-        def compute_advantage(data, adv_estimator, *args, _original=original, **kwargs):
-            name = getattr(adv_estimator, "value", adv_estimator)
-            if name != ESTIMATOR_NAME:
-                return _original(data, adv_estimator, *args, **kwargs)
-            if "response_mask" not in data.batch.keys():
-                # verl derives it from the attention mask when the trainer did not store it.
-                return _original(data, adv_estimator, *args, **kwargs)
-            return compute_kawhi_advantage(data, norm_adv_by_std_in_grpo=kwargs.get("norm_adv_by_std_in_grpo"),
-                                           config=kwargs.get("config"))
 
-        compute_advantage._kawhi_wrapped = True
-        module.compute_advantage = compute_advantage
+def _make_compute_advantage(original):
+    def compute_advantage(data, adv_estimator, *args, **kwargs):
+        name = getattr(adv_estimator, "value", adv_estimator)
+        if name != ESTIMATOR_NAME:
+            return original(data, adv_estimator, *args, **kwargs)
+        if "response_mask" not in data.batch.keys():
+            # verl derives it from the attention mask when the trainer did not store it.
+            return original(data, adv_estimator, *args, **kwargs)
+        return compute_kawhi_advantage(data, norm_adv_by_std_in_grpo=kwargs.get("norm_adv_by_std_in_grpo"),
+                                       config=kwargs.get("config"))
+    return compute_advantage
 
 
 # ------------------------------------------------------------------------------ actor-side statistic

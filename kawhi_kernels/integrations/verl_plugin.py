@@ -15,7 +15,8 @@ safe to run while ``verl/__init__`` is still executing). When verl later imports
 * ``verl.trainer.ppo.core_algos``: ``grpo_kawhi`` is registered with ``register_adv_est``;
 * ``verl.trainer.ppo.ray_trainer`` (legacy trainer): its ``compute_advantage`` routes
   ``grpo_kawhi`` through :func:`~kawhi_kernels.integrations.verl.compute_kawhi_advantage`, which
-  reads ``data.batch["kawhi_token_weights"]``;
+  reads ``data.batch["kawhi_token_weights"]``; ``RayPPOTrainer._compute_old_log_prob`` asks the
+  engine worker for ``kawhi_alpha`` and adds ``kawhi_token_weights`` [B, R];
 * ``verl.trainer.ppo.v1.utils`` / ``verl.trainer.ppo.v1.trainer_base`` (v1 trainer, the default):
   ``compute_advantage_for_multi_trajectories`` sends ``grpo_kawhi`` down verl's own GRPO
   multi-session path (final session per group, broadcast to the session's turns) and multiplies
@@ -24,7 +25,12 @@ safe to run while ``verl/__init__`` is still executing). When verl later imports
   ``PPOTrainer._compute_old_log_prob`` asks the worker for ``kawhi_alpha``, fetches it and puts
   ``kawhi_token_weights`` (:mod:`~kawhi_kernels.integrations.verl_engine`);
 * ``verl.workers.engine.fsdp.transformer_impl`` (engine workers): the old-log-prob forward taps α
-  and emits ``kawhi_alpha`` as a per-token model output (:mod:`~kawhi_kernels.integrations.verl_engine`).
+  and emits ``kawhi_alpha`` as a per-token model output (:mod:`~kawhi_kernels.integrations.verl_engine`);
+* ``verl.experimental.agent_loop.agent_loop`` / ``verl.trainer.ppo.v1.agent_loop_tq`` (agent-loop
+  workers): the SGUF key mask ``kawhi_key_mask`` of each sample, made from its raw images
+  (:mod:`~kawhi_kernels.integrations.verl_agent_loop`).
+
+All patches go through :func:`~kawhi_kernels.integrations._patching.patch_attribute` (idempotent).
 
 Modules already imported when this one loads are patched at once. :func:`plugin_status` tells
 what was applied in the calling process (used by the tests inside Ray actors).
@@ -32,11 +38,12 @@ what was applied in the calling process (used by the tests inside Ray actors).
 from __future__ import annotations
 
 import contextvars
-import functools
 import importlib.abc
 import importlib.util
 import logging
 import sys
+
+from ._patching import patch_attribute
 
 __all__ = ["install", "plugin_status"]
 
@@ -60,17 +67,15 @@ def _patch_core_algos(module) -> None:
 
 def _patch_ray_trainer(module) -> None:
     from .verl import patch_verl_compute_advantage
+    from .verl_engine import patch_legacy_old_log_prob
 
     patch_verl_compute_advantage([module])
+    patch_legacy_old_log_prob(module)
 
 
-def _kawhi_multi_trajectories(original):
-    """Wrap v1's ``compute_advantage_for_multi_trajectories``: ``grpo_kawhi`` = verl's GRPO branch
+def _make_multi_trajectories(original):
+    """v1's ``compute_advantage_for_multi_trajectories``: ``grpo_kawhi`` = verl's GRPO branch
     (group statistics over each session's final turn, broadcast to all its turns) × weights."""
-    if getattr(original, "_kawhi_wrapped", False):
-        return original
-
-    @functools.wraps(original)
     def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, **kwargs):
         from .verl import ESTIMATOR_NAME, WEIGHTS_KEY
 
@@ -91,50 +96,49 @@ def _kawhi_multi_trajectories(original):
         data.batch["advantages"] = advantages
         data.batch["returns"] = advantages
         return data
-
-    compute_advantage_for_multi_trajectories._kawhi_wrapped = True
     return compute_advantage_for_multi_trajectories
 
 
 def _patch_v1_utils(module) -> None:
-    _patch_ray_trainer(module)         # its ``compute_advantage`` name (imported from ray_trainer)
-    module.compute_advantage_for_multi_trajectories = _kawhi_multi_trajectories(
-        module.compute_advantage_for_multi_trajectories)
+    _patch_ray_trainer_advantage(module)      # its ``compute_advantage`` name (imported from ray_trainer)
+    patch_attribute(module, "compute_advantage_for_multi_trajectories", _make_multi_trajectories)
+
+
+def _patch_ray_trainer_advantage(module) -> None:
+    from .verl import patch_verl_compute_advantage
+
+    patch_verl_compute_advantage([module])
+
+
+def _make_v1_compute_advantage(module):
+    def make(original):
+        def _compute_advantage(self, batch, metrics):
+            from .verl import ESTIMATOR_NAME, WEIGHTS_KEY
+
+            if _name(self.config.algorithm.adv_estimator) != ESTIMATOR_NAME:
+                return original(self, batch, metrics)
+            if WEIGHTS_KEY not in (batch.fields or []):
+                raise KeyError(f"'{WEIGHTS_KEY}' is not in the TransferQueue batch (fields: {batch.fields}); the "
+                               f"'{ESTIMATOR_NAME}' estimator needs per-token KAWHI weights put there before the "
+                               "advantage step")
+            fetched = module.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                             select_fields=[WEIGHTS_KEY])
+            weights = fetched[WEIGHTS_KEY]
+            weights = weights.to_padded_tensor(1.0) if weights.is_nested else weights
+            token = _V1_WEIGHTS.set(weights)
+            try:
+                return original(self, batch, metrics)
+            finally:
+                _V1_WEIGHTS.reset(token)
+        return _compute_advantage
+    return make
 
 
 def _patch_v1_trainer_base(module) -> None:
-    module.compute_advantage_for_multi_trajectories = _kawhi_multi_trajectories(
-        module.compute_advantage_for_multi_trajectories)
-    trainer = module.PPOTrainer
-    original = trainer._compute_advantage
-    if getattr(original, "_kawhi_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    def _compute_advantage(self, batch, metrics):
-        from .verl import ESTIMATOR_NAME, WEIGHTS_KEY
-
-        if _name(self.config.algorithm.adv_estimator) != ESTIMATOR_NAME:
-            return original(self, batch, metrics)
-        if WEIGHTS_KEY not in (batch.fields or []):
-            raise KeyError(f"'{WEIGHTS_KEY}' is not in the TransferQueue batch (fields: {batch.fields}); the "
-                           f"'{ESTIMATOR_NAME}' estimator needs per-token KAWHI weights put there before the "
-                           "advantage step")
-        fetched = module.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                                         select_fields=[WEIGHTS_KEY])
-        weights = fetched[WEIGHTS_KEY]
-        weights = weights.to_padded_tensor(1.0) if weights.is_nested else weights
-        token = _V1_WEIGHTS.set(weights)
-        try:
-            return original(self, batch, metrics)
-        finally:
-            _V1_WEIGHTS.reset(token)
-
-    _compute_advantage._kawhi_wrapped = True
-    trainer._compute_advantage = _compute_advantage
-
     from .verl_engine import patch_v1_old_log_prob
 
+    patch_attribute(module, "compute_advantage_for_multi_trajectories", _make_multi_trajectories)
+    patch_attribute(module.PPOTrainer, "_compute_advantage", _make_v1_compute_advantage(module))
     patch_v1_old_log_prob(module)
 
 
@@ -144,12 +148,26 @@ def _patch_engine(module) -> None:
     patch_engine(module)
 
 
+def _patch_agent_loop(module) -> None:
+    from .verl_agent_loop import patch_agent_loop
+
+    patch_agent_loop(module)
+
+
+def _patch_agent_loop_tq(module) -> None:
+    from .verl_agent_loop import patch_agent_loop_tq
+
+    patch_agent_loop_tq(module)
+
+
 _HOOKS = {
     "verl.trainer.ppo.core_algos": _patch_core_algos,
     "verl.trainer.ppo.ray_trainer": _patch_ray_trainer,
     "verl.trainer.ppo.v1.utils": _patch_v1_utils,
     "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer_base,
     "verl.workers.engine.fsdp.transformer_impl": _patch_engine,
+    "verl.experimental.agent_loop.agent_loop": _patch_agent_loop,
+    "verl.trainer.ppo.v1.agent_loop_tq": _patch_agent_loop_tq,
 }
 
 

@@ -12,6 +12,9 @@ from ._dispatch import implementation_for
 IMPLEMENTATIONS = {
     "torch": "kawhi_kernels.reference.grid_pyramid:grid_pyramid_reference",
     "triton": "kawhi_kernels.triton.grid_pyramid:grid_pyramid_triton",
+    # Only when asked for (backend="cuda"): `auto` keeps Triton until GPU timings show a shape
+    # class where the CUDA kernel wins (the rule next to _backend.resolve_backend).
+    "cuda": "kawhi_kernels.cuda.grid_pyramid:grid_pyramid_cuda",
 }
 
 
@@ -116,6 +119,10 @@ def grid_pyramid(mass: torch.Tensor, grids, levels=3, *, backend: str = "auto") 
         levels: int L in [1, MAX_LEVELS = 17] (cell sizes 1, 2, …, 2^(L−1)) or a non-empty list
             of cell sizes in [1, MAX_CELL_SIZE = 2^16]. Cells larger than a grid side are allowed
             (a cell covering a whole frame holds the frame's total).
+        backend: "auto" (Triton on CUDA tensors, else torch), "torch", "triton" or "cuda" (the
+            hand-written kernel of csrc/grid_pyramid.cu, only when asked for; it stages a band of
+            rows per thread block in shared memory and raises a ValueError naming ``grids`` for
+            a frame whose band does not fit, e.g. a cell as tall as a frame of ~50k tokens).
     Returns:
         one fp32 (fp64 for fp64 input) tensor [..., cells_l] per level; cells of each image in
         raster order, images concatenated; edge cells are ragged and hold what falls in them.
