@@ -8,7 +8,7 @@
 # the tree's kawhi_kernels is not what gets imported). The first venv checks the pure wheel alone
 # first (no native module; info says none is installed; the torch and Triton-interpreter tests)
 # and then adds its companion. On a machine with a GPU the GPU tests of
-# tests/test_cuda_backend.py run too (they are marked gpu and skip without one).
+# tests/test_cuda_*.py run too (they are marked gpu and skip without one).
 #
 # The heavy third-party requirements (torch CPU, Triton, transformers, scipy, scikit-image, ...)
 # are installed once into a cached dependency layer, $CACHE/deps-<python>-<key>/site (pip
@@ -124,11 +124,11 @@ for dir in /usr/bin /bin; do
   done
 done
 
-# Tests run from a copy outside the tree; tools/check_cuda_archs.py is what test_build imports.
+# Tests run from a copy outside the tree; the tools/ scripts the tests import come along.
 tests="$work/suite"
 rm -rf "$tests" && mkdir -p "$tests/tools"
 cp -r "$here/tests" "$tests/tests"
-cp "$here/tools/check_cuda_archs.py" "$tests/tools/"
+cp "$here/tools/check_cuda_archs.py" "$here/tools/cuda_sass_report.py" "$tests/tools/"
 find "$tests" -name '__pycache__' -prune -exec rm -rf {} +
 
 # The markers (gpu, slow) of the project's pytest configuration, without the rest of pyproject.toml.
@@ -144,10 +144,11 @@ backend_tests=(
   tests/test_triton_cosine_alignment.py
   tests/test_cli.py
 )
-# What each companion brings (the native module): CUDA host-side tests, the module's build
-# facts, the C++ union-find; test_cli again for `info` with the companion loaded.
+# What each companion brings (the native module): CUDA host-side tests (every tests/test_cuda_*.py:
+# a new one is picked up), the module's build facts, the C++ union-find; test_cli again for
+# `info` with the companion loaded.
 native_tests=(
-  tests/test_cuda_backend.py
+  $(cd "$tests" && ls tests/test_cuda_*.py)
   "tests/test_build.py::test_extension_imports_and_exposes_api"
   "tests/test_build.py::test_build_info_is_consistent"
   "tests/test_build.py::test_shared_object_does_not_link_torch_or_dynamic_cudart"
