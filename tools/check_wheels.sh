@@ -148,7 +148,7 @@ backend_tests=(
 # a new one is picked up), the module's build facts, the C++ union-find; test_cli again for
 # `info` with the companion loaded.
 native_tests=(
-  $(cd "$tests" && ls tests/test_cuda_*.py)
+  $(cd "$tests" && ls tests/test_cuda_*.py | grep -v '^tests/test_cuda_static_sass\.py$')
   "tests/test_build.py::test_extension_imports_and_exposes_api"
   "tests/test_build.py::test_build_info_is_consistent"
   "tests/test_build.py::test_shared_object_does_not_link_torch_or_dynamic_cudart"
@@ -156,6 +156,9 @@ native_tests=(
   tests/test_union_find.py
   tests/test_cli.py
 )
+# tests/test_cuda_static_sass.py is left out: it disassembles the SASS (cuobjdump -sass needs
+# nvdisasm, a toolkit tool the cuobjdump wheel lacks); the in-tree CI legs run it, and here
+# tools/check_cuda_archs.py proves every arch's SASS is in the installed module.
 # Source-tree checks, not installed-wheel ones: this one parses kawhi_kernels/cuda/*.py next to
 # tests/ (the in-tree suite runs it).
 not_here=(--deselect "tests/test_cuda_backend.py::test_python_wrappers_and_the_cpp_field_table_agree")
