@@ -214,6 +214,13 @@ def test_fp64_falls_back_to_reference():
     assert torch.equal(got, want)
 
 
+def test_coarse_max_regions_beyond_the_tile_table_is_a_clear_error():
+    q, k, cu_q, cu_k = random_qk(0, [2], [2], 1, 1, 64)
+    with pytest.raises(ValueError, match="coarse_max_regions"):
+        attention_mass_triton(q, k, cu_q, cu_k, torch.zeros(2, dtype=torch.int32, device=DEVICE), 1,
+                              coarse_max_regions=128)
+
+
 def test_head_dim_over_limit_is_a_clear_error():
     q, k, cu_q, cu_k = random_qk(0, [2], [2], 1, 1, 264)
     with pytest.raises(ValueError, match="q: head dim 264"):

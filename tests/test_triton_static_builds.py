@@ -104,6 +104,85 @@ def test_launchers_choose_configurations_from_the_same_list():
         assert (kernel, dict(constexprs, BLOCK_R=64), warps, stages) in checked
 
 
+def test_every_tile_table_entry_is_built_and_lies_in_the_config_space():
+    """Each MASS_TILE_TABLE entry has static builds (so the spill/shared/tensor-core/cp.async
+    checks cover it), its values lie in TILE_SPACE, its builds use its tiles, and the table
+    keys span every (dtype, head-dim class, kernel, lse, group class) the launcher can ask."""
+    from kawhi_kernels.triton import attention_mass as am
+
+    builds = am.kernel_builds()
+    by_key = {}
+    for b in builds:
+        if b.table_key is not None:
+            by_key.setdefault(b.table_key, []).append(b)
+    assert set(by_key) == set(am.MASS_TILE_TABLE)
+    for key, cfg in am.MASS_TILE_TABLE.items():
+        for field, allowed in am.TILE_SPACE.items():
+            assert getattr(cfg, field) in allowed, (key, field)
+        for b in by_key[key]:
+            ce = b.constexprs
+            assert (b.num_warps, b.num_stages, ce["NUM_STAGES"], ce["BLOCK_N"]) == (
+                cfg.num_warps, cfg.num_stages, cfg.num_stages, cfg.block_n), (key, b.name)
+            assert ce["BLOCK_ROWS"] * ce["GP"] <= cfg.stacked_rows, (key, b.name)
+    expected = {(t, d, kernel, lse, g)
+                for t in ("fp16", "bf16") for d in am.HEAD_DIM_CLASSES
+                for kernel, lse in (("one-pass", False), ("coarse", True),
+                                    ("atomic", False), ("atomic", True), ("window", False),
+                                    ("window", True))
+                for g in am.GROUP_CLASSES}
+    expected |= {("fp32", 128, *rest) for (_, d, *rest) in expected if d == 128}
+    assert set(am.MASS_TILE_TABLE) == expected
+
+
+def test_auto_launch_takes_its_tiles_from_the_table():
+    """A plan without block_rows/block_n launches the table entry of its key (edit the table,
+    the launch follows), with or without lse."""
+    import torch
+
+    from kawhi_kernels.triton import attention_mass as am
+
+    cu = torch.tensor([0, 100], dtype=torch.int64)
+    region = torch.zeros(100, dtype=torch.int32)
+    for num_regions, det in ((5, False), (300, False), (300, True)):
+        plan = am.plan_attention_mass_triton(cu, cu, region, num_regions, dtype=torch.float16,
+                                             num_heads=28, num_kv_heads=4, head_dim=128,
+                                             heads=[0, 1, 3], deterministic=det)
+        for has_lse in (False, True):
+            constexprs, warps, stages = plan.launches[has_lse]
+            cfg = am.MASS_TILE_TABLE[am.table_key(torch.float16, 128, plan.acc_mode,
+                                                  plan.block_r, has_lse, constexprs["GP"])]
+            assert (warps, stages, constexprs["BLOCK_N"]) == (cfg.num_warps, cfg.num_stages,
+                                                              cfg.block_n)
+            assert constexprs["BLOCK_ROWS"] * constexprs["GP"] <= cfg.stacked_rows
+    edited = dict(am.MASS_TILE_TABLE)
+    edited[("fp16", 128, "one-pass", False, "narrow")] = am.TileConfig(64, 128, 3, 4)
+    edited[("fp16", 128, "coarse", True, "narrow")] = am.TileConfig(64, 128, 2, 8)
+    original = am.MASS_TILE_TABLE
+    am.MASS_TILE_TABLE = edited
+    try:
+        plan = am.plan_attention_mass_triton(cu, cu, region, 5, dtype=torch.float16,
+                                             num_heads=28, num_kv_heads=4, head_dim=128,
+                                             heads=[0, 1, 3])
+    finally:
+        am.MASS_TILE_TABLE = original
+    assert plan.launches[False][1:] == (4, 3) and plan.launches[True][1:] == (8, 2)
+    assert plan.launches[False][0]["BLOCK_N"] == plan.launches[True][0]["BLOCK_N"] == 128
+
+
+def test_paired_table_entries_share_their_row_and_key_tiles():
+    """A plan shares its row-block and key-tile tables between its lse and lse-free launches:
+    the entries a plan pairs (one-pass with coarse+lse; atomic and window with and without
+    lse) agree on M and BLOCK_N."""
+    from kawhi_kernels.triton import attention_mass as am
+
+    table = am.MASS_TILE_TABLE
+    for (t, d, kernel, lse, g), cfg in table.items():
+        if lse:
+            partner = table[(t, d, "one-pass", False, g)] if kernel == "coarse" else \
+                table[(t, d, kernel, False, g)]
+            assert (cfg.stacked_rows, cfg.block_n) == (partner.stacked_rows, partner.block_n)
+
+
 def test_checker_flags_spills_shared_memory_missing_tensor_cores_and_compile_errors():
     good = {"name": "x", "arch": 90, "tensor_cores": True, "registers": 128, "stack": 0,
             "static_shared": 0, "local": 0, "hmma": 0, "hgmma": 4, "ldgsts": 0, "tma": 0,

@@ -39,11 +39,12 @@ before the sequence's first and after its last region tile in the region pass. O
 int64. Loads in fp16/bf16/fp32, all arithmetic in fp32 (the public op sends fp64 inputs to the
 torch reference).
 
-Tiles (:func:`_tile_config`, spill-free in sm_80 and sm_90 builds): M = 64 stacked rows, 64 keys
-per tile (32 for D > 128), 8 warps, 2 stages for fp16/bf16; 16 × 16, 4 warps (8 on the windowed
-path), 1 stage for fp32
-inputs, which are limited to D ≤ 128 (the tf32x3 operand splits spill beyond). The host prepares the row-block table and the key-tile region spans
-(one device→host copy of cu_seqlens and query_segment).
+Tiles come from :data:`MASS_TILE_TABLE`, keyed on (dtype, head-dim class, kernel, has_lse,
+group class), every entry spill-free in sm_80 and sm_90 builds on Triton 3.6 and 3.9 (not tuned
+on timings: no GPU yet): M = 64 stacked rows, 64 keys per tile (32 for D > 128), 8 warps for
+fp16/bf16; 16 × 16, 4 warps (8 on the windowed path), 1 stage for fp32 inputs, which are limited
+to D ≤ 128 (the tf32x3 operand splits spill beyond). The host prepares the row-block table and
+the key-tile region spans (one device→host copy of cu_seqlens and query_segment).
 """
 from __future__ import annotations
 
@@ -448,22 +449,122 @@ def _sum_partials_kernel(part_ptr, out_ptr, seg_start_ptr, seg_blocks_ptr, row_e
     tl.store(out_ptr + s.to(tl.int64) * row_elems + cols, acc, mask=ok)
 
 
-def _tile_config(dtype: torch.dtype, d: int, acc_mode: int) -> tuple[int, int, int, int, int]:
-    """(stacked rows M, keys per tile, num_warps, num_stages, largest M) for a launch.
+@dataclass(frozen=True)
+class TileConfig:
+    """One entry of :data:`MASS_TILE_TABLE`: stacked rows M (row block × group heads), keys per
+    tile, software-pipelining stages of the key loops, warps."""
 
-    The largest configurations without register spills in sm_80 and sm_90 builds of every mode
-    (``python -m kawhi_kernels.triton.builds``; not tuned on timings): fp16/bf16 use 64 stacked
-    rows, 64 keys per tile (32 for D > 128), 8 warps, 2 stages; fp32 inputs use tf32x3 for QKᵀ,
-    whose operand splits triple the register footprint: 16 × 16 tiles, 4 warps (8 windowed). M never grows:
-    a KV head with more selected query heads than M is split into several groups.
-    """
-    if dtype == torch.float32:                      # D ≤ 128 (triton_mass_head_dim_limit)
-        return 16, 16, (8 if acc_mode == _ACC_WINDOW else 4), 1, 16
-    # Coarse kernels (single pass and the lse region pass): 1 stage. Pipelined (2 stages) they
-    # load K with cp.async and compile spill-free with Triton 3.9, but Triton 3.6 spills on sm_80
-    # (up to 264 B, static builds); a per-Triton/arch choice is left to the autotune work.
-    stages = 1 if acc_mode == _ACC_COARSE else 2
-    return (64, 64, 8, stages, 64) if d <= 128 else (64, 32, 8, stages, 64)
+    stacked_rows: int
+    block_n: int
+    num_stages: int
+    num_warps: int
+
+
+# The configuration space the table draws from (DESIGN §7 / issue 13): M 64/128, BLOCK_N
+# 32–128 (32 only for D > 128, 16 only for fp32's tf32x3 tiles), 1–3 stages, 4/8 warps.
+TILE_SPACE = {"stacked_rows": (16, 64, 128), "block_n": (16, 32, 64, 128),
+              "num_stages": (1, 2, 3), "num_warps": (4, 8)}
+# Head-dim classes (an entry serves every D up to its class; built at the class's D) and
+# group classes (heads stacked per KV group: up to 8, or more — built at 8 and at the most the
+# tile stacks).
+HEAD_DIM_CLASSES = (128, 256)
+GROUP_CLASSES = ("narrow", "wide")
+NARROW_GROUP = 8
+
+# Tile table of the Triton attention_mass, keyed on (dtype, head-dim class, kernel, has_lse,
+# group class); "auto" launches (no block_rows/block_n given) take their entry from here.
+# Kernels: "one-pass" (_mass_online_kernel: coarse R ≤ 64 without lse), "coarse" (two-pass
+# _mass_coarse_kernel, R ≤ 64 with lse), "atomic", "window".
+# Every entry is compiled for sm_80 and sm_90 on Triton 3.6 and 3.9 by the static builds
+# (:func:`kernel_builds` lists one build per entry and output mode) and chosen as the largest
+# spill-free tile of its class there — not on timings: no GPU was available when it was made, so
+# nothing is autotuned. GPU timings (benchmarks/attention_mass) are meant to re-rank the space
+# per entry and edit this table; the static builds keep each new choice spill-free.
+# A plan's lse and lse-free launches share its row-block and key-tile tables, so paired entries
+# (one-pass with coarse + lse; atomic/window with and without lse) keep equal M and
+# BLOCK_N (tested); stages and warps are free per entry.
+_HALF = {
+    # D ≤ 128
+    (128, "one-pass", False, "narrow"): TileConfig(64, 64, 1, 8),
+    (128, "one-pass", False, "wide"): TileConfig(64, 64, 1, 8),
+    (128, "coarse", True, "narrow"): TileConfig(64, 64, 1, 8),
+    (128, "coarse", True, "wide"): TileConfig(64, 64, 1, 8),
+    (128, "atomic", False, "narrow"): TileConfig(64, 64, 2, 8),
+    (128, "atomic", False, "wide"): TileConfig(64, 64, 2, 8),
+    (128, "atomic", True, "narrow"): TileConfig(64, 64, 2, 8),
+    (128, "atomic", True, "wide"): TileConfig(64, 64, 2, 8),
+    (128, "window", False, "narrow"): TileConfig(64, 64, 2, 8),
+    (128, "window", False, "wide"): TileConfig(64, 64, 2, 8),
+    (128, "window", True, "narrow"): TileConfig(64, 64, 2, 8),
+    (128, "window", True, "wide"): TileConfig(64, 64, 2, 8),
+    # 128 < D ≤ 256: 32 keys per tile
+    (256, "one-pass", False, "narrow"): TileConfig(64, 32, 1, 8),
+    (256, "one-pass", False, "wide"): TileConfig(64, 32, 1, 8),
+    (256, "coarse", True, "narrow"): TileConfig(64, 32, 1, 8),
+    (256, "coarse", True, "wide"): TileConfig(64, 32, 1, 8),
+    (256, "atomic", False, "narrow"): TileConfig(64, 32, 2, 8),
+    (256, "atomic", False, "wide"): TileConfig(64, 32, 2, 8),
+    (256, "atomic", True, "narrow"): TileConfig(64, 32, 2, 8),
+    (256, "atomic", True, "wide"): TileConfig(64, 32, 2, 8),
+    (256, "window", False, "narrow"): TileConfig(64, 32, 2, 8),
+    (256, "window", False, "wide"): TileConfig(64, 32, 2, 8),
+    (256, "window", True, "narrow"): TileConfig(64, 32, 2, 8),
+    (256, "window", True, "wide"): TileConfig(64, 32, 2, 8),
+}
+# fp32 inputs (D ≤ 128): tf32x3 QKᵀ triples the operand registers: 16 × 16 tiles, 1 stage,
+# 4 warps (8 on the windowed path).
+_FP32 = {
+    (128, "one-pass", False, "narrow"): TileConfig(16, 16, 1, 4),
+    (128, "one-pass", False, "wide"): TileConfig(16, 16, 1, 4),
+    (128, "coarse", True, "narrow"): TileConfig(16, 16, 1, 4),
+    (128, "coarse", True, "wide"): TileConfig(16, 16, 1, 4),
+    (128, "atomic", False, "narrow"): TileConfig(16, 16, 1, 4),
+    (128, "atomic", False, "wide"): TileConfig(16, 16, 1, 4),
+    (128, "atomic", True, "narrow"): TileConfig(16, 16, 1, 4),
+    (128, "atomic", True, "wide"): TileConfig(16, 16, 1, 4),
+    (128, "window", False, "narrow"): TileConfig(16, 16, 1, 8),
+    (128, "window", False, "wide"): TileConfig(16, 16, 1, 8),
+    (128, "window", True, "narrow"): TileConfig(16, 16, 1, 8),
+    (128, "window", True, "wide"): TileConfig(16, 16, 1, 8),
+}
+MASS_TILE_TABLE = {(dtype, *key): cfg for dtype, part in
+                   (("fp16", _HALF), ("bf16", _HALF), ("fp32", _FP32)) for key, cfg in part.items()}
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _kernel_name(acc_mode: int, block_r: int, has_lse: bool) -> str:
+    """The table's kernel key of a launch (see :func:`_main_kernel`)."""
+    if _single_pass(acc_mode, block_r, has_lse):
+        return "one-pass"
+    return {_ACC_COARSE: "coarse", _ACC_ATOMIC: "atomic", _ACC_WINDOW: "window"}[acc_mode]
+
+
+def table_key(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, has_lse: bool,
+              gp: int) -> tuple:
+    """:data:`MASS_TILE_TABLE` key of a launch: (dtype name, head-dim class, kernel, has_lse,
+    group class)."""
+    d_class = next((c for c in HEAD_DIM_CLASSES if d <= c), None)
+    if dtype not in _DTYPE_NAMES or d_class is None:
+        raise ValueError(f"no attention_mass tile for dtype {dtype}, head dim {d}")
+    kernel = _kernel_name(acc_mode, block_r, has_lse)
+    return (_DTYPE_NAMES[dtype], d_class, kernel, bool(has_lse) and kernel != "one-pass",
+            "narrow" if gp <= NARROW_GROUP else "wide")
+
+
+def _tile_config(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, has_lse: bool,
+                 gp: int) -> TileConfig:
+    """The :data:`MASS_TILE_TABLE` entry of a launch."""
+    key = table_key(dtype, d, acc_mode, block_r, has_lse, gp)
+    if key not in MASS_TILE_TABLE:
+        raise ValueError(f"no attention_mass tile for {key}")
+    return MASS_TILE_TABLE[key]
+
+
+def max_stacked_rows(dtype: torch.dtype, d: int, acc_mode: int) -> int:
+    """Most stacked rows M over the entries a plan of (dtype, d, accumulation) may launch: the
+    cap on heads per KV group (larger groups are split)."""
+    return min(_tile_config(dtype, d, acc_mode, 16, has_lse, 1).stacked_rows
+               for has_lse in (False, True))
 
 
 def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int,
@@ -471,6 +572,9 @@ def _accumulation(num_regions: int, deterministic: bool, coarse_max_regions: int
     """(ACC_MODE, BLOCK_R): registers for R ≤ coarse_max_regions, else windows (deterministic;
     32 regions wide for fp32 inputs, whose window path spills at 64 on Triton 3.6 / sm_80) or
     atomics."""
+    if not 0 <= coarse_max_regions <= ONE_PASS_MAX_REGIONS:
+        raise ValueError(f"coarse_max_regions: expected 0..{ONE_PASS_MAX_REGIONS} (the register "
+                         f"accumulator's checked width), got {coarse_max_regions}")
     if num_regions <= coarse_max_regions:
         return _ACC_COARSE, max(16, next_pow2(num_regions))
     if deterministic:
@@ -488,11 +592,12 @@ def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mo
                  *, has_lse: bool, causal: bool, dot_precision_: str,
                  block_rows: int | None = None, block_n: int | None = None) -> tuple[dict, int, int]:
     """(constexprs, num_warps, num_stages) of one launch of :func:`_main_kernel` (same
-    arguments): the only place launch parameters are chosen, used by the launcher and by
+    arguments): the table entry (:func:`_tile_config`), or the given ``block_rows``/``block_n``;
+    the only place launch parameters are chosen, used by the launcher and by
     :func:`kernel_builds`."""
-    stacked_rows, default_n, num_warps, num_stages, _ = _tile_config(dtype, d, acc_mode)
-    block_rows = block_rows if block_rows is not None else max(1, stacked_rows // gp)
-    block_n = block_n if block_n is not None else default_n
+    cfg = _tile_config(dtype, d, acc_mode, block_r, has_lse, gp)
+    block_rows = block_rows if block_rows is not None else max(1, cfg.stacked_rows // gp)
+    block_n = block_n if block_n is not None else cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n: expected a power of two ≥ 16, got {block_n}")
     if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
@@ -500,10 +605,10 @@ def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mo
     block_rows = next_pow2(block_rows)
     constexprs = dict(CAUSAL=bool(causal), OUT_MODE=out_mode, BLOCK_ROWS=block_rows, GP=gp,
                       BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
-                      DOT_PRECISION=dot_precision_, NUM_STAGES=num_stages)
+                      DOT_PRECISION=dot_precision_, NUM_STAGES=cfg.num_stages)
     if not _single_pass(acc_mode, block_r, has_lse):
         constexprs["HAS_LSE"] = bool(has_lse)
-    return constexprs, num_warps, num_stages
+    return constexprs, cfg.num_warps, cfg.num_stages
 
 
 def _single_pass(acc_mode: int, block_r: int, has_lse: bool) -> bool:
@@ -521,50 +626,50 @@ def _main_kernel(acc_mode: int, block_r: int, has_lse: bool):
 
 def kernel_builds():
     """Every compiled configuration the launcher can choose (for the static GPU checks in
-    :mod:`.builds`): each dtype × tile class (D ≤ 128, D ≤ 256 — fp16/bf16 only — at the widest D) × accumulation
-    and output mode × lse on/off × stacking (8 heads per KV group, and the largest group the
-    tile allows), plus the deterministic segment reduction. Causal masking is on (off only
-    drops the mask). Coarse regions without lse build the single-pass kernel (what the
-    launcher runs), with lse the two-pass coarse kernel."""
+    :mod:`.builds`): each :data:`MASS_TILE_TABLE` entry, built at its head-dim class's D and at
+    its group class's widest stacking (8 heads per KV group, or the most the tile stacks), with
+    every output mode its kernel serves (rows, segment atomics, deterministic partials), plus
+    the deterministic segment reduction.
+    Causal masking is on (off only drops the mask). Each build records its table key."""
     from .builds import KernelBuild
 
     precision = compiled_dot_precision()
-
-    def modes(dtype):                                             # [(acc, block_r, out)]
-        found = set()
-        for deterministic in (False, True):
-            for num_regions in (64, 65):
-                acc, block_r = _accumulation(num_regions, deterministic, 64, dtype)
-                for segmented in (False, True):
-                    found.add((acc, block_r, _output_mode(segmented, deterministic)))
-        return sorted(found)
-
-    acc_names = {_ACC_COARSE: "coarse", _ACC_ATOMIC: "atomic", _ACC_WINDOW: "window"}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     out_names = {_OUT_ROWS: "rows", _OUT_SEG_ATOMIC: "seg-atomic", _OUT_PARTIAL: "partials"}
+    acc_of = {"one-pass": (_ACC_COARSE, 64), "coarse": (_ACC_COARSE, 64),
+              "atomic": (_ACC_ATOMIC, 16), "window": (_ACC_WINDOW, None)}
     builds = []
-    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for d in (128, 256):
-            if d > triton_mass_head_dim_limit(dtype)[0]:
-                continue
-            for acc, block_r, out in modes(dtype):
-                max_stacked = _tile_config(dtype, d, acc)[4]
-                for gp in sorted({8, max_stacked}):
-                    for has_lse in (False, True):
-                        constexprs, warps, stages = _launch_meta(
-                            dtype, d, acc, block_r, out, gp, has_lse=has_lse, causal=True,
-                            dot_precision_=precision)
-                        acc_name = ("one-pass" if _single_pass(acc, block_r, has_lse)
-                                    else acc_names[acc])
-                        builds.append(KernelBuild(
-                            name=(f"attention_mass {tname} D={d} {acc_name}/{out_names[out]}"
-                                  f" GP={gp} {'lse' if has_lse else 'no-lse'}"),
-                            kernel=_main_kernel(acc, block_r, has_lse),
-                            pointer_types={"q_ptr": "*" + tname, "k_ptr": "*" + tname,
-                                           "lse_ptr": "*fp32", "out_ptr": "*fp32"},
-                            float_args=("scale_log2",), constexprs=constexprs,
-                            num_warps=warps, num_stages=stages, tensor_cores=True,
-                            async_copies=stages > 1 and acc != _ACC_WINDOW,
-                            maxnreg=_max_registers(constexprs)))
+    for key in MASS_TILE_TABLE:
+        tname, d, kernel_name, has_lse, group = key
+        dtype = dtypes[tname]
+        if d > triton_mass_head_dim_limit(dtype)[0]:
+            raise AssertionError(f"table entry {key} is beyond the head-dim limit")
+        acc, block_r = acc_of[kernel_name]
+        if kernel_name == "window":
+            block_r = _accumulation(1 << 20, True, 64, dtype)[1]
+        deterministic_out = (False, True) if kernel_name != "atomic" else (False,)
+        outs = sorted({_output_mode(seg, det) for seg in (False, True) for det in deterministic_out})
+        if kernel_name == "atomic":
+            outs = [_OUT_ROWS, _OUT_SEG_ATOMIC]
+        elif kernel_name == "window":
+            outs = [_OUT_ROWS, _OUT_PARTIAL]
+        gp = NARROW_GROUP if group == "narrow" else max_stacked_rows(dtype, d, acc)
+        for out in outs:
+            constexprs, warps, stages = _launch_meta(
+                dtype, d, acc, block_r, out, gp, has_lse=has_lse, causal=True,
+                dot_precision_=precision)
+            if table_key(dtype, d, acc, block_r, has_lse, gp) != key:
+                raise AssertionError(f"build of {key} resolves to another table entry")
+            builds.append(KernelBuild(
+                name=(f"attention_mass {tname} D={d} {kernel_name}/{out_names[out]}"
+                      f" GP={gp} {'lse' if has_lse else 'no-lse'}"),
+                kernel=_main_kernel(acc, block_r, has_lse),
+                pointer_types={"q_ptr": "*" + tname, "k_ptr": "*" + tname,
+                               "lse_ptr": "*fp32", "out_ptr": "*fp32"},
+                float_args=("scale_log2",), constexprs=constexprs,
+                num_warps=warps, num_stages=stages, tensor_cores=True,
+                async_copies=stages > 1 and acc != _ACC_WINDOW,
+                maxnreg=_max_registers(constexprs), table_key=key))
     for block in (16, 1024):
         builds.append(KernelBuild(
             name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
@@ -667,7 +772,7 @@ def plan_attention_mass_triton(
     total_q = int(cu_seqlens_q_host[-1])
     num_out = num_segments if segmented else total_q
     acc_mode, block_r = _accumulation(num_regions, deterministic, coarse_max_regions, dtype)
-    max_stacked = _tile_config(dtype, head_dim, acc_mode)[4]
+    max_stacked = max_stacked_rows(dtype, head_dim, acc_mode)
     max_group = max_group_heads if max_group_heads is not None else max_stacked
     if max_group < 1:
         raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
@@ -789,7 +894,8 @@ def attention_mass_triton(
         block_rows: rows per block (default M // GP, at least 1, M = 64 stacked rows, 16 for
             fp32); GP = heads per KV group, rounded up to a power of two.
         block_n: keys per tile (default 64, 32 for D > 128, 16 for fp32; a power of two ≥ 16).
-        coarse_max_regions: R at or below which the register one-hot matmul path is used.
+        coarse_max_regions: R at or below which the register one-hot matmul path is used
+            (0..64; wider register accumulators are not in the checked tile table).
         max_group_heads: most query heads of one KV head stacked in one program (default: the
             tile configuration's M: 64 stacked rows, 16 for fp32); larger groups are split.
 
