@@ -99,3 +99,32 @@ def test_region_ranges_cover_every_visible_region_tile(causal, regions):
             assert t0 <= min(needed) and max(needed) < t1 <= end, (seq, row0, t0, t1, needed)
         else:               # at most the block's partial last tile, whose region keys it cannot see
             assert (t0, t1) == (0, 0) or (t1 == end and t1 - t0 == 1), (seq, row0, t0, t1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_interior_tiles_are_the_longest_prefix_every_real_row_sees_in_full(causal):
+    """interior_key_tiles: every key of tiles [0, ti) is visible to every row of the block and
+    lies inside the sequence, and tile ti is not (maximal); the loop table splits the region
+    range at ti."""
+    seed = fresh_seed()
+    lens_q, lens_k = [5, 0, 37, 12, 9, 20, 3], [9, 4, 30, 0, 40, 70, 3]
+    block_n, block_rows = 16, 4
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu").long(), cu_seqlens(lens_k, "cpu").long()
+    region = coarse_regions(seed, lens_k, 5, device="cpu")
+    blocks = row_blocks(cu_q, cu_k, block_rows)
+    ends = block_key_tiles(blocks, cu_q, cu_k, block_n, causal)
+    _, _, tile_rmax = key_tiles(cu_k, region, block_n)
+    ranges = region_tile_ranges(blocks, ends, cu_k, tile_rmax, block_n)
+    interior = am.interior_key_tiles(blocks, cu_q, cu_k, block_n, causal)
+    table = am.loop_tiles_table(interior, ranges)
+    assert (interior > 0).any() and (interior < ends).any()
+    for (seq, row0, nrows, _), ti, end, (t0, t1), row in zip(
+            blocks.tolist(), interior.tolist(), ends.tolist(), ranges.tolist(), table.tolist()):
+        lq, lk = lens_q[seq], lens_k[seq]
+        limits = [min(row0 - int(cu_q[seq]) + i + 1 + lk - lq, lk) if causal else lk
+                  for i in range(nrows)]
+
+        def full(t):
+            return all((t + 1) * block_n <= lim for lim in limits)
+        assert all(full(t) for t in range(ti)) and not full(ti) and ti <= end
+        assert row == [ti, t0, min(max(ti, t0), t1), t1]

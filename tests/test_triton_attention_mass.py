@@ -281,3 +281,83 @@ def test_gpu_offsets_beyond_int32():
     want = attention_mass_reference(q, k[first:], torch.tensor([0, 8], device=DEVICE),
                                     torch.tensor([0, 64], device=DEVICE), key_region[first:], 3)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interior key tiles run unmasked (planner's loop table): unchanged results on awkward shapes.
+
+# Ragged: Lq > Lk (first causal rows see nothing), an empty query sequence, Lq == Lk, Lq < Lk
+# (interior tiles before the diagonal), a partial last key tile everywhere.
+AWKWARD_Q = [40, 0, 9, 33, 21]
+AWKWARD_K = [30, 5, 50, 33, 70]
+
+
+def _awkward_regions(kind, num_regions):
+    region = (coarse_regions if kind == "coarse" else patch_regions)(3, AWKWARD_K, num_regions)
+    # Sequence 3 has image keys only at 20..32: its causal rows 0..19 see no region key.
+    start = sum(AWKWARD_K[:3])
+    region[start:start + 20] = -1
+    return region
+
+
+def _all_masked(plan):
+    """The same plan with no interior tile: every key tile takes the masked path."""
+    import dataclasses
+
+    from kawhi_kernels.triton.attention_mass import loop_tiles_table
+
+    return dataclasses.replace(plan, loop_tiles=loop_tiles_table(
+        torch.zeros_like(plan.interior_tiles), plan.region_tiles))
+
+
+@pytest.mark.parametrize("hq,hk,heads,d,dtype,kind,num_regions,deterministic,with_lse,segments,causal", [
+    (3, 3, [2, 0], 48, torch.float32, "coarse", 5, False, False, "random", True),
+    (8, 2, [1, 6, 7, 4], 80, torch.float16, "coarse", 5, True, True, None, True),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 96, torch.bfloat16, "coarse", 5, False, False, None, True),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 48, torch.float32, "patch", 70, False, True, "random", True),
+    (8, 2, [1, 6, 7, 4], 96, torch.bfloat16, "patch", 70, True, False, "random", True),
+    (3, 3, [2, 0], 80, torch.float16, "patch", 70, True, True, None, True),
+    (8, 2, [1, 6, 7, 4], 48, torch.float32, "coarse", 5, False, True, None, False),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 80, torch.float16, "patch", 70, True, False, None, False),
+])
+def test_interior_tiles_unmasked_match_reference_on_awkward_shapes(
+        hq, hk, heads, d, dtype, kind, num_regions, deterministic, with_lse, segments, causal):
+    """GQA 1/4/7, non-power-of-two head dims, ragged causal batches, an empty segment, rows
+    without a visible region key: the split loops (unmasked interior + masked edge tiles) equal
+    the reference, and (bit-for-bit on the deterministic paths) the all-masked launch."""
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+
+    seed = fresh_seed()
+    q, k, cu_q, cu_k = random_qk(seed, AWKWARD_Q, AWKWARD_K, hq, hk, d, dtype)
+    region = _awkward_regions(kind, num_regions)
+    seg_kwargs = {}
+    if segments == "random":
+        g = torch.Generator().manual_seed(seed)
+        seg = torch.randint(-1, 3, (q.shape[0],), generator=g, dtype=torch.int32)
+        seg_kwargs = {"query_segment": seg.to(DEVICE), "num_segments": 4}       # 3 is empty
+    scale = default_scale(d)
+    lse = reference_lse(q, k, cu_q, cu_k, causal, scale) if with_lse else None
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, heads=heads, lse=lse,
+                                    causal=causal, softmax_scale=scale, **seg_kwargs)
+    plan = plan_attention_mass_triton(
+        cu_q.cpu().long(), cu_k.cpu().long(), region, num_regions, dtype=q.dtype, num_heads=hq,
+        num_kv_heads=hk, head_dim=d, heads=heads, causal=causal, softmax_scale=scale,
+        deterministic=deterministic, block_n=16,
+        query_segment_host=None if not seg_kwargs else seg_kwargs["query_segment"].cpu().long(),
+        num_segments=seg_kwargs.get("num_segments", 0))
+    ti = plan.loop_tiles[:, 0].cpu()
+    tn = plan.block_key_tiles
+    assert (ti > 0).any() and (ti < tn).any()      # both loops run somewhere
+    got = run_attention_mass_triton(plan, q, k, lse)
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+    masked = run_attention_mass_triton(_all_masked(plan), q, k, lse)
+    if deterministic:
+        assert torch.equal(got, masked), f"seed {seed}"
+    else:
+        torch.testing.assert_close(got, masked, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+    if segments:
+        assert torch.all(got[3] == 0)                     # the empty segment
+    elif causal:
+        s3 = sum(AWKWARD_Q[:3])
+        assert torch.all(got[s3:s3 + 20] == 0)            # no visible region key (causal)
+        assert got[s3 + 20:s3 + 33].sum() > 0

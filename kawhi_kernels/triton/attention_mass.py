@@ -156,60 +156,97 @@ def _program_block(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, g
 
 
 @triton.jit
-def _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-domain scores [M, BLOCK_N] of the key tile at ``start`` (keys ≥ n_end read as 0) and
-    the tile's key offsets within the sequence."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                 mask=(offs_n < n_end)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
-    return s, offs_n
+def _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N: tl.constexpr):
+    """This block's key-tile loop bounds from the planner's table (:func:`interior_key_tiles`):
+    interior tiles [0, ti) are visible to every real row of the block (no mask at all), the
+    full pass runs [ti, ⌈n_end / BLOCK_N⌉) masked; the region pass [t0, t1) splits at
+    tm = clamp(ti, t0, t1) into unmasked [t0, tm) and masked [tm, t1)."""
+    base = loop_tiles_ptr + tl.program_id(0) * 4
+    ti = tl.load(base)
+    t0 = tl.load(base + 1)
+    tm = tl.load(base + 2)
+    t1 = tl.load(base + 3)
+    return ti, tl.cdiv(n_end, BLOCK_N), t0, tm, t1
 
 
 @triton.jit
-def _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok, limit, n_end,
-                stride_kt, head_dim, scale_log2, HAS_LSE: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """(log2 normaliser [M], finite [M]) per stacked row: the given natural-log ``lse`` in log2
-    units, or pass 1 (online max and sum over the visible keys). A non-finite normaliser (no
-    visible key; FlashAttention writes ±inf there) makes its row 0."""
+def _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim, scale_log2,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            MASKED: tl.constexpr):
+    """log2-domain scores [M, BLOCK_N] of the key tile at ``start``, the tile's key offsets
+    within the sequence and their region ids. ``MASKED`` (edge and diagonal tiles): keys ≥ n_end
+    read as 0 with region −1, and keys beyond a row's causal limit score −inf; an interior
+    tile (every key visible to every real row) loads and scores without any mask."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    if MASKED:
+        kt = tl.load(k_ptrs, mask=(offs_n < n_end)[:, None] & (offs_d < head_dim)[None, :],
+                     other=0.0)
+        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
+    else:
+        kt = tl.load(k_ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+        region = tl.load(region_base + offs_n)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+    return s, offs_n, region
+
+
+@triton.jit
+def _sum_step(q, k_base, region_base, start, n_end, limit, m_i, l_i, stride_kt, head_dim,
+              scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of pass 1: the online row max and sum of exp2."""
+    s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
+                                scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
+                limit, n_end, ti, tn, stride_kt, head_dim, scale_log2, HAS_LSE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """log2 normaliser [M] per stacked row: the given natural-log ``lse`` in log2 units, or
+    pass 1 (online max and sum over the visible keys: interior tiles [0, ti) unmasked, then
+    [ti, tn) masked). +inf where the row is padding or has a non-finite normaliser (no visible
+    key; FlashAttention writes ±inf there), so that its probabilities exp2(s − lse2) are 0."""
     if HAS_LSE:
         lse = tl.load(lse_ptr + head64 * stride_lh + grow * stride_lt, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
-        lse_ok = tl.abs(lse2) < float("inf")
-        lse2 = tl.where(lse_ok, lse2, 0.0)
+        lse_ok = (tl.abs(lse2) < float("inf")) & row_ok
     else:
         m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
         l_i = tl.zeros(limit.shape, dtype=tl.float32)
-        for start in range(0, n_end, BLOCK_N):
-            s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
-                                BLOCK_N, BLOCK_D, DOT_PRECISION)
-            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m_i = m_new
-        lse_ok = l_i > 0
-        lse2 = tl.where(lse_ok, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
-    return lse2, lse_ok
+        for t in range(0, ti):
+            m_i, l_i = _sum_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, m_i, l_i,
+                                 stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D,
+                                 DOT_PRECISION, False)
+        for t in range(ti, tn):
+            m_i, l_i = _sum_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, m_i, l_i,
+                                 stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D,
+                                 DOT_PRECISION, True)
+        lse_ok = (l_i > 0) & row_ok
+        lse2 = m_i + tl.log2(tl.maximum(l_i, 1e-30))
+    return tl.where(lse_ok, lse2, float("inf"))
 
 
 @triton.jit
-def _region_probabilities(s, offs_n, limit, region, lse2, lse_ok):
-    """p [M, BLOCK_N] of the visible region keys (0 elsewhere) and where it may be non-zero.
-    p ≤ 1 for a true normaliser; capping it defines an underestimated lse (and keeps the fp16
-    hi/lo split of p finite) the same way on every backend."""
-    take = (offs_n[None, :] < limit[:, None]) & (region >= 0)[None, :] & lse_ok[:, None]
-    p = tl.where(take, tl.minimum(tl.exp2(s - lse2[:, None]), 1.0), 0.0)
-    return p, take
+def _probabilities(s, lse2):
+    """p = exp2(s − lse2) [M, BLOCK_N], 0 for invisible keys (s = −inf) and rows without a
+    normaliser (lse2 = +inf). p ≤ 1 for a true normaliser; capping it defines an underestimated
+    lse (and keeps the fp16 hi/lo split of p finite) the same way on every backend."""
+    return tl.minimum(tl.exp2(s - lse2[:, None]), 1.0)
 
 
 @triton.jit
 def _onehot_dot(p_hi, p_lo, region, cols, acc):
     """acc + p @ onehot(region == cols) on fp16 tensor cores, p given as its fp16 hi/lo split
-    (the 0/1 matrix is exact, so the product is fp32-accurate)."""
+    (the 0/1 matrix is exact, so the product is fp32-accurate; keys of region −1 have a zero
+    one-hot row and add nothing)."""
     onehot = (region[:, None] == cols[None, :]).to(tl.float16)
     acc = tl.dot(p_hi, onehot, acc)
     return tl.dot(p_lo, onehot, acc)
@@ -232,8 +269,8 @@ def _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot, OUT_MODE
 def _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
                    stride_oslot, num_regions, OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                    GP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Write a block's [M, BLOCK_R] region masses: per row, or summed over its rows per head
-    (atomically into the segment, or into the block's partial row)."""
+    """Write a block's [M, BLOCK_R] region masses (0 on padding rows): per row, or summed over
+    its rows per head (atomically into the segment, or into the block's partial row)."""
     offs_r = tl.arange(0, BLOCK_R)
     col_ok = offs_r < num_regions
     if OUT_MODE == OUT_ROWS:
@@ -250,16 +287,93 @@ def _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride
             tl.store(out_grp + offs_r[None, :], red, mask=ok)
 
 
+@triton.jit
+def _online_step(q, k_base, region_base, start, n_end, limit, offs_r, m_i, l_i, acc, stride_kt,
+                 head_dim, scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the single pass: rescale acc and l to the new row max, add the tile."""
+    s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
+                                scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)                 # 0 while the row has seen no key
+    p = tl.exp2(s - m_safe[:, None])              # ≤ 1; 0 for invisible keys
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p_hi, p_lo = split_fp16(p)
+    acc = _onehot_dot(p_hi, p_lo, region, offs_r, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _coarse_step(q, k_base, region_base, start, n_end, limit, offs_r, lse2, acc, stride_kt,
+                 head_dim, scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the coarse region pass: acc += P @ onehot(region)."""
+    s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
+                                scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED)
+    p_hi, p_lo = split_fp16(_probabilities(s, lse2))
+    return _onehot_dot(p_hi, p_lo, region, offs_r, acc)
+
+
+@triton.jit
+def _atomic_step(q, k_base, region_base, start, n_end, limit, lse2, out_rows, out_grp, head_ok,
+                 stride_kt, head_dim, scale_log2, OUT_MODE: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the atomic pass: p scattered into its rows' (or segment's) regions."""
+    s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
+                                scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED)
+    p = _probabilities(s, lse2)
+    if OUT_MODE == OUT_ROWS:
+        take = (p > 0) & (region >= 0)[None, :]
+        tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
+    else:
+        colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
+        tl.atomic_add(out_grp + region[None, :], colsum,
+                      mask=head_ok[:, None] & (region >= 0)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _window_step(q, k_base, region_base, start, n_end, limit, lse2, rmin, rmax, offs_r, row_ok,
+                 out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
+                 OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the windowed pass: P @ onehot(window) for each window of BLOCK_R region
+    ids in [rmin, rmax], added with load-add-store into memory the program owns."""
+    s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
+                                scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED)
+    p_hi, p_lo = split_fp16(_probabilities(s, lse2))
+    for w0 in range(rmin, rmax + 1, BLOCK_R):
+        cols = w0 + offs_r
+        part = _onehot_dot(p_hi, p_lo, region, cols, tl.zeros([BLOCK_ROWS * GP, BLOCK_R],
+                                                               dtype=tl.float32))
+        col_ok = cols <= rmax
+        if OUT_MODE == OUT_ROWS:
+            ptrs = out_rows + cols[None, :]
+            ok = row_ok[:, None] & col_ok[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
+        else:
+            red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+            ptrs = out_grp + cols[None, :]
+            ok = head_ok[:, None] & col_ok[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
+        # The next window/tile may re-read these addresses from other threads (or
+        # replicated copies of a small tile): make the stores visible to the CTA.
+        tl.debug_barrier()
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels: one per accumulation scheme, plus the single-pass coarse kernel. All take the same
-# arguments (one launcher); the second-pass kernels loop over the key tiles [t0, t1) of their
-# block's region span (``block_tiles``, precomputed by the planner): loop bounds are data, the
-# body has no branch, so Triton software-pipelines the K loads.
+# arguments (one launcher). Every key loop runs in two ranges from the planner's table
+# (``loop_tiles``, :func:`interior_key_tiles`): interior tiles, visible to every real row of the
+# block, without any mask, then the diagonal/edge tiles masked. Loop bounds are data and the
+# bodies have no branch, so Triton software-pipelines the K loads of each range.
 
 @triton.jit
 def _mass_online_kernel(
     q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
-    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, loop_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
     group_kv_ptr, group_head_ptr, group_slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
@@ -270,30 +384,26 @@ def _mass_online_kernel(
     """Coarse regions without ``lse`` in one pass over the visible keys (flash-forward style):
     acc[M, R] holds Σ exp2(s − m) · onehot(region) for the running row max m, rescaled when m
     grows, and is divided by the row sum at the end. p = exp2(s − m) ≤ 1 keeps its fp16 hi/lo
-    split exact; a row without any visible key has sum 0 and gets 0."""
+    split exact; a row without any visible key (and a padding row) gets 0."""
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
         BLOCK_ROWS, GP, BLOCK_D)
+    ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
     l_i = tl.zeros(limit.shape, dtype=tl.float32)
     acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
-    for start in range(0, n_end, BLOCK_N):
-        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
-                            BLOCK_N, BLOCK_D, DOT_PRECISION)
-        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
-        s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)                 # 0 while the row has seen no key
-        p = tl.exp2(s - m_safe[:, None])              # ≤ 1; 0 for invisible keys
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_hi, p_lo = split_fp16(tl.where((region >= 0)[None, :], p, 0.0))
-        acc = _onehot_dot(p_hi, p_lo, region, offs_r, acc * alpha[:, None])
-        m_i = m_new
-    acc = acc * tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
+    for t in range(0, ti):
+        m_i, l_i, acc = _online_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r,
+                                     m_i, l_i, acc, stride_kt, head_dim, scale_log2, BLOCK_N,
+                                     BLOCK_D, DOT_PRECISION, False)
+    for t in range(ti, tn):
+        m_i, l_i, acc = _online_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r,
+                                     m_i, l_i, acc, stride_kt, head_dim, scale_log2, BLOCK_N,
+                                     BLOCK_D, DOT_PRECISION, True)
+    acc = acc * tl.where(row_ok & (l_i > 0), 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
                    stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
 
@@ -301,7 +411,7 @@ def _mass_online_kernel(
 @triton.jit
 def _mass_coarse_kernel(
     q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
-    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, loop_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
     group_kv_ptr, group_head_ptr, group_slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
@@ -315,22 +425,21 @@ def _mass_coarse_kernel(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
         BLOCK_ROWS, GP, BLOCK_D)
-    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
-                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
-                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
+    lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
+                       row_ok, limit, n_end, ti, tn, stride_kt, head_dim, scale_log2, HAS_LSE,
+                       BLOCK_N, BLOCK_D, DOT_PRECISION)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
-    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
-    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
-    for t in range(t0, t1):
-        start = t * BLOCK_N
-        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
-                            BLOCK_N, BLOCK_D, DOT_PRECISION)
-        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
-        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
-        p_hi, p_lo = split_fp16(p)
-        acc = _onehot_dot(p_hi, p_lo, region, offs_r, acc)
+    for t in range(t0, tm):
+        acc = _coarse_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r, lse2, acc,
+                           stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                           False)
+    for t in range(tm, t1):
+        acc = _coarse_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r, lse2, acc,
+                           stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                           True)
     _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
                    stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
 
@@ -338,7 +447,7 @@ def _mass_coarse_kernel(
 @triton.jit
 def _mass_atomic_kernel(
     q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
-    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, loop_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
     group_kv_ptr, group_head_ptr, group_slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
@@ -352,33 +461,28 @@ def _mass_atomic_kernel(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
         BLOCK_ROWS, GP, BLOCK_D)
-    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
-                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
-                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
+    lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
+                       row_ok, limit, n_end, ti, tn, stride_kt, head_dim, scale_log2, HAS_LSE,
+                       BLOCK_N, BLOCK_D, DOT_PRECISION)
     out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
     out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
                                   OUT_MODE, GP)
-    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
-    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
-    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
-        start = t * BLOCK_N
-        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
-                            BLOCK_N, BLOCK_D, DOT_PRECISION)
-        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
-        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
-        if OUT_MODE == OUT_ROWS:
-            tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
-        else:
-            colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
-            tl.atomic_add(out_grp + region[None, :], colsum,
-                          mask=head_ok[:, None] & (region >= 0)[None, :], sem="relaxed")
+    for t in tl.range(t0, tm, num_stages=NUM_STAGES):
+        _atomic_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2, out_rows, out_grp,
+                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_N,
+                     BLOCK_D, DOT_PRECISION, False)
+    for t in tl.range(tm, t1, num_stages=NUM_STAGES):
+        _atomic_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2, out_rows, out_grp,
+                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_N,
+                     BLOCK_D, DOT_PRECISION, True)
 
 
 @triton.jit
 def _mass_window_kernel(
     q_ptr, k_ptr, region_ptr, lse_ptr, out_ptr,
-    cu_q_ptr, cu_k_ptr, blocks_ptr, block_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
+    cu_q_ptr, cu_k_ptr, blocks_ptr, loop_tiles_ptr, tile_base_ptr, tile_rmin_ptr, tile_rmax_ptr,
     group_kv_ptr, group_head_ptr, group_slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
@@ -394,43 +498,26 @@ def _mass_window_kernel(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
         BLOCK_ROWS, GP, BLOCK_D)
-    lse2, lse_ok = _normaliser(q, k_base, lse_ptr, stride_lh, stride_lt, head64, grow, row_ok,
-                               limit, n_end, stride_kt, head_dim, scale_log2, HAS_LSE, BLOCK_N,
-                               BLOCK_D, DOT_PRECISION, NUM_STAGES)
+    ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
+    lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
+                       row_ok, limit, n_end, ti, tn, stride_kt, head_dim, scale_log2, HAS_LSE,
+                       BLOCK_N, BLOCK_D, DOT_PRECISION)
     offs_r = tl.arange(0, BLOCK_R)
     out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
     out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
                                   OUT_MODE, GP)
-    t0 = tl.load(block_tiles_ptr + tl.program_id(0) * 2)
-    t1 = tl.load(block_tiles_ptr + tl.program_id(0) * 2 + 1)
     tile0 = tl.load(tile_base_ptr + seq)             # the sequence's first key tile
-    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
-        start = t * BLOCK_N
-        s, offs_n = _scores(q, k_base, start, n_end, stride_kt, head_dim, scale_log2,
-                            BLOCK_N, BLOCK_D, DOT_PRECISION)
-        region = tl.load(region_base + offs_n, mask=offs_n < n_end, other=-1)
-        p, take = _region_probabilities(s, offs_n, limit, region, lse2, lse_ok)
-        p_hi, p_lo = split_fp16(p)
-        rmin = tl.load(tile_rmin_ptr + tile0 + t)
-        rmax = tl.load(tile_rmax_ptr + tile0 + t)
-        for w0 in range(rmin, rmax + 1, BLOCK_R):
-            cols = w0 + offs_r
-            part = _onehot_dot(p_hi, p_lo, region, cols, tl.zeros([BLOCK_ROWS * GP, BLOCK_R],
-                                                                   dtype=tl.float32))
-            col_ok = cols <= rmax
-            if OUT_MODE == OUT_ROWS:
-                ptrs = out_rows + cols[None, :]
-                ok = row_ok[:, None] & col_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
-            else:
-                red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
-                ptrs = out_grp + cols[None, :]
-                ok = head_ok[:, None] & col_ok[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
-            # The next window/tile may re-read these addresses from other threads (or
-            # replicated copies of a small tile): make the stores visible to the CTA.
-            tl.debug_barrier()
+    for t in tl.range(t0, tm, num_stages=NUM_STAGES):
+        _window_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2,
+                     tl.load(tile_rmin_ptr + tile0 + t), tl.load(tile_rmax_ptr + tile0 + t),
+                     offs_r, row_ok, out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
+                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_N, BLOCK_D, BLOCK_R, DOT_PRECISION, False)
+    for t in tl.range(tm, t1, num_stages=NUM_STAGES):
+        _window_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2,
+                     tl.load(tile_rmin_ptr + tile0 + t), tl.load(tile_rmax_ptr + tile0 + t),
+                     offs_r, row_ok, out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
+                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_N, BLOCK_D, BLOCK_R, DOT_PRECISION, True)
 
 
 @triton.jit
@@ -678,6 +765,48 @@ def kernel_builds():
     return builds
 
 
+def interior_key_tiles(blocks: torch.Tensor, cu_seqlens_q_host: torch.Tensor,
+                       cu_seqlens_k_host: torch.Tensor, block_n: int, causal: bool) -> torch.Tensor:
+    """Per row block, the leading key tiles every real row of the block sees in full: int64
+    [num_blocks] on the CPU, ⌊min(limit of the block's first row, Lk) / block_n⌋ (bottom-right
+    causal; all of a sequence's full tiles without causality). Tiles below it need no mask at
+    all (no causal limit inside, no key past the sequence end); the diagonal and the sequence's
+    partial last tile come after it.
+
+    Args:
+        blocks: :func:`.._fused_host.row_blocks` table. cu_seqlens_q_host, cu_seqlens_k_host: int
+            [B+1] on the CPU. block_n: keys per tile. causal: bottom-right aligned causal mask.
+    """
+    cu_q = cu_seqlens_q_host.to("cpu", torch.int64)
+    cu_k = cu_seqlens_k_host.to("cpu", torch.int64)
+    seq = blocks[:, 0].to(torch.int64)
+    lk = cu_k[seq + 1] - cu_k[seq]
+    if causal:
+        lq = cu_q[seq + 1] - cu_q[seq]
+        first_local = blocks[:, 1].to(torch.int64) - cu_q[seq]
+        visible = torch.clamp(torch.minimum(first_local + 1 + lk - lq, lk), min=0)
+    else:
+        visible = lk
+    return visible // block_n
+
+
+def loop_tiles_table(interior: torch.Tensor, region_ranges: torch.Tensor) -> torch.Tensor:
+    """The kernels' loop-bound table, int32 [num_blocks, 4] on ``region_ranges``' device:
+    (ti, t0, tm, t1) — interior tiles [0, ti) of the full pass (the rest, up to the block's
+    visible tiles, masked), and the region pass [t0, t1) split at tm = clamp(ti, t0, t1) into
+    unmasked [t0, tm) and masked [tm, t1). Built without a sync.
+
+    Args:
+        interior: :func:`interior_key_tiles` (CPU). region_ranges: int32 [num_blocks, 2] from
+            :func:`.._fused_host.region_tile_ranges`.
+    """
+    ranges = region_ranges.to(torch.int64)
+    ti = interior.to(device=ranges.device, dtype=torch.int64)
+    t0, t1 = ranges[:, 0], ranges[:, 1]
+    tm = torch.minimum(torch.maximum(ti, t0), t1)
+    return torch.stack([ti, t0, tm, t1], 1).to(torch.int32).contiguous()
+
+
 @dataclass(frozen=True)
 class MassLaunchPlan:
     """Everything one ``attention_mass`` launch needs except q, k and lse: built once per batch
@@ -705,6 +834,8 @@ class MassLaunchPlan:
     blocks: torch.Tensor
     block_key_tiles: torch.Tensor
     region_tiles: torch.Tensor
+    interior_tiles: torch.Tensor
+    loop_tiles: torch.Tensor
     tile_base: torch.Tensor
     tile_rmin: torch.Tensor
     tile_rmax: torch.Tensor
@@ -792,6 +923,8 @@ def plan_attention_mass_triton(
                                     tiles["BLOCK_N"], causal)
     region_tiles = region_tile_ranges(blocks_host, visible_tiles, cu_seqlens_k_host, tile_rmax,
                                       tiles["BLOCK_N"])
+    interior = interior_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host,
+                                  tiles["BLOCK_N"], causal)
     seg_start = seg_order = None
     if out_mode == _OUT_PARTIAL:
         seg_start, seg_order = (t.to(device) for t in segment_block_lists(blocks_host, num_segments))
@@ -803,6 +936,7 @@ def plan_attention_mass_triton(
         cu_k=cu_seqlens_k_host.to(device=device, dtype=torch.int32),
         region=key_region.to(dtype=torch.int32).contiguous(),
         blocks=blocks_host.to(device), block_key_tiles=visible_tiles, region_tiles=region_tiles,
+        interior_tiles=interior, loop_tiles=loop_tiles_table(interior, region_tiles),
         tile_base=tile_base, tile_rmin=tile_rmin,
         tile_rmax=tile_rmax, kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
         seg_start=seg_start, seg_order=seg_order)
@@ -840,7 +974,7 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
     with device_guard(device):              # Triton launches on the current device
         kernel[(plan.num_blocks, plan.kv_tab.numel())](
             q, k, plan.region, lse_arg, target,
-            plan.cu_q, plan.cu_k, plan.blocks, plan.region_tiles, plan.tile_base, plan.tile_rmin,
+            plan.cu_q, plan.cu_k, plan.blocks, plan.loop_tiles, plan.tile_base, plan.tile_rmin,
             plan.tile_rmax,
             plan.kv_tab, plan.head_tab, plan.slot_tab,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
