@@ -361,3 +361,38 @@ def test_interior_tiles_unmasked_match_reference_on_awkward_shapes(
         s3 = sum(AWKWARD_Q[:3])
         assert torch.all(got[s3:s3 + 20] == 0)            # no visible region key (causal)
         assert got[s3 + 20:s3 + 33].sum() > 0
+
+
+@pytest.mark.parametrize("kind,num_regions,deterministic,with_lse,segmented", [
+    ("coarse", 6, False, False, False), ("coarse", 6, False, True, True),
+    ("coarse", 6, True, False, True), ("patch", 80, False, False, True),
+    ("patch", 80, True, True, True), ("patch", 80, True, False, False)])
+def test_packed_head_groups_without_power_of_two_padding(kind, num_regions, deterministic,
+                                                         with_lse, segmented):
+    """The KAWHI heads of a Qwen2.5-VL-7B layout (Hq 28, Hk 4): packed as 3 groups of 3 heads
+    (GP 3, not a power of two; rows × GP < M) in every mode — per-row output, segment atomics,
+    deterministic partials, the per-tile selector sums of the atomic/windowed paths — equal the
+    reference."""
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+
+    seed = fresh_seed()
+    lens_q, lens_k = [30, 0, 23], [40, 3, 50]
+    heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 28, 4, 32, torch.float16)
+    region = (coarse_regions if kind == "coarse" else patch_regions)(seed + 1, lens_k, num_regions)
+    seg_kwargs = ({"query_segment": run_segments(seed + 2, lens_q, 5), "num_segments": 5}
+                  if segmented else {})
+    lse = reference_lse(q, k, cu_q, cu_k, True, default_scale(32)) if with_lse else None
+    plan = plan_attention_mass_triton(
+        cu_q.cpu().long(), cu_k.cpu().long(), region, num_regions, dtype=q.dtype, num_heads=28,
+        num_kv_heads=4, head_dim=32, heads=heads, deterministic=deterministic, block_n=16,
+        query_segment_host=(seg_kwargs["query_segment"].cpu().long() if segmented else None),
+        num_segments=seg_kwargs.get("num_segments", 0))
+    constexprs = plan.launches[with_lse][0]
+    assert plan.head_tab.tolist() == [[0, 1, 3], [22, 23, 24], [25, 26, 27]]
+    assert (constexprs["GP"], constexprs["BLOCK_ROWS"], constexprs["BLOCK_M"]) == (3, 21, 64)
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, heads=heads, lse=lse,
+                                    **seg_kwargs)
+    got = run_attention_mass_triton(plan, q, k, lse)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")

@@ -2,10 +2,12 @@
 
 One program per (query row block, KV head group). A row block holds up to ``BLOCK_ROWS`` rows of
 one sequence and one segment (host-built table, see :func:`.._fused_host.row_blocks`); the program
-stacks the rows of all selected query heads that read its KV head into one M = BLOCK_ROWS × GP
-tile (row-major over (row, head)), so every K tile is loaded once per group and GQA never
-repeats K (a KV head with more selected query heads than the tile's M, > 64, or > 16 for fp32,
-is split into several groups that each read its K).
+stacks the rows of a group of selected query heads that read its KV head into one M tile of
+BLOCK_ROWS × GP stacked rows (row-major over (row, head)), so every K tile is loaded once per
+group. Groups are packed without power-of-two padding (:func:`pack_head_groups`: GP any size,
+M = BLOCK_ROWS × GP rounded up to a power of two, e.g. 21 rows × 3 heads in M = 64); a KV head
+may be split into several near-equal groups when that wastes fewer stacked rows (each reads
+its K).
 
 One kernel per accumulation scheme, sharing the ``@triton.jit`` helpers (block setup, score
 tile, normaliser, region probabilities, one-hot product, stores) and the named constexpr output
@@ -58,7 +60,6 @@ import triton.language as tl
 from .._backend import check_head_dim, triton_mass_head_dim_limit
 from .._fused_host import (
     block_key_tiles,
-    head_groups,
     key_tile_visits,
     key_tiles,
     last_dim_contiguous,
@@ -115,12 +116,12 @@ ONE_PASS_MAX_REGIONS = 64
 def _program_block(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
                    group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim,
                    CAUSAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """This program's row block and KV group: the stacked q tile [M, BLOCK_D] (row-major over
     (row, head), zero for padding), the KV head's K base pointer, per stacked row its global row,
     head, output slot, validity and causal key limit (keys n < limit are visible), the block's
     key end n_end, its sequence and segment."""
-    M: tl.constexpr = BLOCK_ROWS * GP
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
     seq = tl.load(blocks_ptr + pid_b * 4)
@@ -134,7 +135,7 @@ def _program_block(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, g
     local0 = row0 - q_start
     kv = tl.load(group_kv_ptr + pid_g)
 
-    offs_m = tl.arange(0, M)
+    offs_m = tl.arange(0, BLOCK_M)
     r = offs_m // GP
     head = tl.load(group_head_ptr + pid_g * GP + offs_m % GP)       # [M], −1 for padding
     slot = tl.load(group_slot_ptr + pid_g * GP + offs_m % GP)
@@ -149,7 +150,7 @@ def _program_block(q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, g
         limit = tl.minimum(local0 + r + 1 + lk - lq, lk)
         n_end = tl.minimum(local0 + nrows + lk - lq, lk)
     else:
-        limit = tl.zeros([M], dtype=tl.int32) + lk
+        limit = tl.zeros([BLOCK_M], dtype=tl.int32) + lk
         n_end = lk
     limit = tl.where(row_ok, limit, 0)
     return q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end
@@ -253,22 +254,49 @@ def _onehot_dot(p_hi, p_lo, region, cols, acc):
 
 
 @triton.jit
+def _head_sums(x, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
+               GP_PAD: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
+    """Per head j of the group, the sum over the block's rows of x [BLOCK_M, C] (stacked row
+    i = r · GP + j): [GP_PAD, C]. A power-of-two GP fills the tile exactly and is a reshape
+    and sum; a packed GP (BLOCK_ROWS · GP < BLOCK_M, no power-of-two padding of the heads)
+    multiplies by the 0/1 selector [GP_PAD, BLOCK_M] — in fp32 FMAs when ``EXACT`` (once per
+    program), else on fp16 tensor cores with x split into hi + lo (x ≤ 65504: per-tile p and
+    window sums; fp32-accurate like the one-hot products)."""
+    if GP_PAD == GP and BLOCK_ROWS * GP == BLOCK_M:
+        out = tl.sum(tl.reshape(x, (BLOCK_ROWS, GP, C)), axis=0)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, GP_PAD)
+        sel = ((offs_m % GP)[None, :] == offs_j[:, None]) & (offs_m < BLOCK_ROWS * GP)[None, :]
+        if EXACT:
+            out = tl.dot(sel.to(tl.float32), x, input_precision="ieee")
+        else:
+            x_hi, x_lo = split_fp16(x)
+            sel16 = sel.to(tl.float16)
+            out = tl.dot(sel16, x_lo, tl.dot(sel16, x_hi))
+    return out
+
+
+@triton.jit
 def _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot, OUT_MODE: tl.constexpr,
-               GP: tl.constexpr):
-    """Output row pointers [GP, 1] of the group's heads for the segment modes (the segment's row
-    for atomics, the block's partial row otherwise) and which of them are real heads."""
+               GP: tl.constexpr, GP_PAD: tl.constexpr):
+    """Output row pointers [GP_PAD, 1] of the group's heads for the segment modes (the segment's
+    row for atomics, the block's partial row otherwise) and which of them are real heads."""
     if OUT_MODE == OUT_SEG_ATOMIC:
         out_row = seg.to(tl.int64)
     else:
         out_row = tl.program_id(0).to(tl.int64)
-    slot_g = tl.load(group_slot_ptr + tl.program_id(1) * GP + tl.arange(0, GP))   # −1: padding
+    offs_j = tl.arange(0, GP_PAD)
+    slot_g = tl.load(group_slot_ptr + tl.program_id(1) * GP + offs_j, mask=offs_j < GP,
+                     other=-1)                                                      # −1: padding
     return out_ptr + out_row * stride_orow + tl.maximum(slot_g, 0)[:, None] * stride_oslot, slot_g >= 0
 
 
 @triton.jit
 def _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
                    stride_oslot, num_regions, OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                   GP: tl.constexpr, BLOCK_R: tl.constexpr):
+                   GP: tl.constexpr, BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     """Write a block's [M, BLOCK_R] region masses (0 on padding rows): per row, or summed over
     its rows per head (atomically into the segment, or into the block's partial row)."""
     offs_r = tl.arange(0, BLOCK_R)
@@ -278,8 +306,8 @@ def _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride
         tl.store(out_rows + offs_r[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
     else:
         out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
-                                      OUT_MODE, GP)
-        red = tl.sum(tl.reshape(acc, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+                                      OUT_MODE, GP, GP_PAD)
+        red = _head_sums(acc, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_R, True)
         ok = head_ok[:, None] & col_ok[None, :]
         if OUT_MODE == OUT_SEG_ATOMIC:
             tl.atomic_add(out_grp + offs_r[None, :], red, mask=ok, sem="relaxed")
@@ -318,7 +346,8 @@ def _coarse_step(q, k_base, region_base, start, n_end, limit, offs_r, lse2, acc,
 @triton.jit
 def _atomic_step(q, k_base, region_base, start, n_end, limit, lse2, out_rows, out_grp, head_ok,
                  stride_kt, head_dim, scale_log2, OUT_MODE: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the atomic pass: p scattered into its rows' (or segment's) regions."""
     s, offs_n, region = _scores(q, k_base, region_base, start, n_end, limit, stride_kt, head_dim,
@@ -328,7 +357,7 @@ def _atomic_step(q, k_base, region_base, start, n_end, limit, lse2, out_rows, ou
         take = (p > 0) & (region >= 0)[None, :]
         tl.atomic_add(out_rows + region[None, :], p, mask=take, sem="relaxed")
     else:
-        colsum = tl.sum(tl.reshape(p, (BLOCK_ROWS, GP, BLOCK_N)), axis=0)
+        colsum = _head_sums(p, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_N, False)
         tl.atomic_add(out_grp + region[None, :], colsum,
                       mask=head_ok[:, None] & (region >= 0)[None, :], sem="relaxed")
 
@@ -337,6 +366,7 @@ def _atomic_step(q, k_base, region_base, start, n_end, limit, lse2, out_rows, ou
 def _window_step(q, k_base, region_base, start, n_end, limit, lse2, rmin, rmax, offs_r, row_ok,
                  out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
                  OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the windowed pass: P @ onehot(window) for each window of BLOCK_R region
@@ -346,7 +376,7 @@ def _window_step(q, k_base, region_base, start, n_end, limit, lse2, rmin, rmax, 
     p_hi, p_lo = split_fp16(_probabilities(s, lse2))
     for w0 in range(rmin, rmax + 1, BLOCK_R):
         cols = w0 + offs_r
-        part = _onehot_dot(p_hi, p_lo, region, cols, tl.zeros([BLOCK_ROWS * GP, BLOCK_R],
+        part = _onehot_dot(p_hi, p_lo, region, cols, tl.zeros([BLOCK_M, BLOCK_R],
                                                                dtype=tl.float32))
         col_ok = cols <= rmax
         if OUT_MODE == OUT_ROWS:
@@ -354,7 +384,7 @@ def _window_step(q, k_base, region_base, start, n_end, limit, lse2, rmin, rmax, 
             ok = row_ok[:, None] & col_ok[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + part, mask=ok)
         else:
-            red = tl.sum(tl.reshape(part, (BLOCK_ROWS, GP, BLOCK_R)), axis=0)
+            red = _head_sums(part, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_R, False)
             ptrs = out_grp + cols[None, :]
             ok = head_ok[:, None] & col_ok[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + red, mask=ok)
@@ -378,6 +408,7 @@ def _mass_online_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
     CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, GP: tl.constexpr,
+    BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -388,13 +419,13 @@ def _mass_online_kernel(
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
-        BLOCK_ROWS, GP, BLOCK_D)
+        BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_D)
     ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     m_i = tl.full(limit.shape, float("-inf"), dtype=tl.float32)
     l_i = tl.zeros(limit.shape, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for t in range(0, ti):
         m_i, l_i, acc = _online_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r,
                                      m_i, l_i, acc, stride_kt, head_dim, scale_log2, BLOCK_N,
@@ -405,7 +436,7 @@ def _mass_online_kernel(
                                      BLOCK_D, DOT_PRECISION, True)
     acc = acc * tl.where(row_ok & (l_i > 0), 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
     _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
-                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
+                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_R)
 
 
 @triton.jit
@@ -416,22 +447,23 @@ def _mass_coarse_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
     HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Coarse regions, two passes (normaliser given or pass 1, then p into regions):
     acc[M, R] += P @ onehot(key → region) over the block's region tiles, written once."""
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
-        BLOCK_ROWS, GP, BLOCK_D)
+        BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_D)
     ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
     lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
                        row_ok, limit, n_end, ti, tn, stride_kt, head_dim, scale_log2, HAS_LSE,
                        BLOCK_N, BLOCK_D, DOT_PRECISION)
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_ROWS * GP, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for t in range(t0, tm):
         acc = _coarse_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r, lse2, acc,
                            stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
@@ -441,7 +473,7 @@ def _mass_coarse_kernel(
                            stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
                            True)
     _store_regions(acc, out_ptr, grow, slot, row_ok, seg, group_slot_ptr, stride_orow,
-                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_R)
+                   stride_oslot, num_regions, OUT_MODE, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_R)
 
 
 @triton.jit
@@ -452,15 +484,16 @@ def _mass_atomic_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
     HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Per-patch regions, non-deterministic: p scattered into the output with relaxed atomics
     (per row, or the column sums of the block's rows per head for segments)."""
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
-        BLOCK_ROWS, GP, BLOCK_D)
+        BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_D)
     ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
     lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
@@ -468,15 +501,15 @@ def _mass_atomic_kernel(
                        BLOCK_N, BLOCK_D, DOT_PRECISION)
     out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
     out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
-                                  OUT_MODE, GP)
+                                  OUT_MODE, GP, GP_PAD)
     for t in tl.range(t0, tm, num_stages=NUM_STAGES):
         _atomic_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2, out_rows, out_grp,
-                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_N,
-                     BLOCK_D, DOT_PRECISION, False)
+                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_M,
+                     GP_PAD, BLOCK_N, BLOCK_D, DOT_PRECISION, False)
     for t in tl.range(tm, t1, num_stages=NUM_STAGES):
         _atomic_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2, out_rows, out_grp,
-                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_N,
-                     BLOCK_D, DOT_PRECISION, True)
+                     head_ok, stride_kt, head_dim, scale_log2, OUT_MODE, BLOCK_ROWS, GP, BLOCK_M,
+                     GP_PAD, BLOCK_N, BLOCK_D, DOT_PRECISION, True)
 
 
 @triton.jit
@@ -487,8 +520,9 @@ def _mass_window_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_lt, stride_orow, stride_oslot,
     num_regions, head_dim, scale_log2,
     HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, OUT_MODE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, GP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Per-patch regions, deterministic: for each key tile, the window(s) of BLOCK_R region ids
     its keys cover ([tile_rmin, tile_rmax], empty for a tile without region keys) get
@@ -497,7 +531,7 @@ def _mass_window_kernel(
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
-        BLOCK_ROWS, GP, BLOCK_D)
+        BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_D)
     ti, tn, t0, tm, t1 = _loop_tiles(loop_tiles_ptr, n_end, BLOCK_N)
     region_base = region_ptr + k_start.to(tl.int64)
     lse2 = _normaliser(q, k_base, region_base, lse_ptr, stride_lh, stride_lt, head64, grow,
@@ -506,18 +540,20 @@ def _mass_window_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     out_rows = out_ptr + grow[:, None] * stride_orow + tl.maximum(slot, 0)[:, None] * stride_oslot
     out_grp, head_ok = _group_out(out_ptr, seg, group_slot_ptr, stride_orow, stride_oslot,
-                                  OUT_MODE, GP)
+                                  OUT_MODE, GP, GP_PAD)
     tile0 = tl.load(tile_base_ptr + seq)             # the sequence's first key tile
     for t in tl.range(t0, tm, num_stages=NUM_STAGES):
         _window_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2,
                      tl.load(tile_rmin_ptr + tile0 + t), tl.load(tile_rmax_ptr + tile0 + t),
                      offs_r, row_ok, out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
-                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_N, BLOCK_D, BLOCK_R, DOT_PRECISION, False)
+                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_N, BLOCK_D, BLOCK_R,
+                     DOT_PRECISION, False)
     for t in tl.range(tm, t1, num_stages=NUM_STAGES):
         _window_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, lse2,
                      tl.load(tile_rmin_ptr + tile0 + t), tl.load(tile_rmax_ptr + tile0 + t),
                      offs_r, row_ok, out_rows, out_grp, head_ok, stride_kt, head_dim, scale_log2,
-                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_N, BLOCK_D, BLOCK_R, DOT_PRECISION, True)
+                     OUT_MODE, BLOCK_ROWS, GP, BLOCK_M, GP_PAD, BLOCK_N, BLOCK_D, BLOCK_R,
+                     DOT_PRECISION, True)
 
 
 @triton.jit
@@ -552,11 +588,14 @@ class TileConfig:
 TILE_SPACE = {"stacked_rows": (16, 64, 128), "block_n": (16, 32, 64, 128),
               "num_stages": (1, 2, 3), "num_warps": (4, 8)}
 # Head-dim classes (an entry serves every D up to its class; built at the class's D) and
-# group classes (heads stacked per KV group: up to 8, or more — built at 8 and at the most the
+# group classes (heads stacked per KV group: up to 8, or more — built at 3 and at the most the
 # tile stacks).
 HEAD_DIM_CLASSES = (128, 256)
 GROUP_CLASSES = ("narrow", "wide")
 NARROW_GROUP = 8
+# Stacking of the narrow class's builds: 3 heads per group, how the KAWHI heads are packed
+# (:func:`pack_head_groups`; not a power of two: the packed layout and its selector sums).
+NARROW_BUILD_GROUP = 3
 
 # Tile table of the Triton attention_mass, keyed on (dtype, head-dim class, kernel, has_lse,
 # group class); "auto" launches (no block_rows/block_n given) take their entry from here.
@@ -687,11 +726,16 @@ def _launch_meta(dtype: torch.dtype, d: int, acc_mode: int, block_r: int, out_mo
     block_n = block_n if block_n is not None else cfg.block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n: expected a power of two ≥ 16, got {block_n}")
-    if block_rows * gp < 16:                 # tl.dot needs M ≥ 16
-        block_rows = next_pow2(-(-16 // gp))
-    block_rows = next_pow2(block_rows)
+    if gp & (gp - 1) == 0:                   # power-of-two group: the rows fill M exactly
+        if block_rows * gp < 16:             # tl.dot needs M ≥ 16
+            block_rows = next_pow2(-(-16 // gp))
+        block_rows = next_pow2(block_rows)
+        block_m, gp_pad = block_rows * gp, gp
+    else:                                    # packed group: M = next power of two ≥ rows × GP
+        block_m, gp_pad = max(16, next_pow2(block_rows * gp)), max(16, next_pow2(gp))
     constexprs = dict(CAUSAL=bool(causal), OUT_MODE=out_mode, BLOCK_ROWS=block_rows, GP=gp,
-                      BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
+                      BLOCK_M=block_m, GP_PAD=gp_pad, BLOCK_N=block_n,
+                      BLOCK_D=max(16, next_pow2(d)), BLOCK_R=block_r,
                       DOT_PRECISION=dot_precision_, NUM_STAGES=cfg.num_stages)
     if not _single_pass(acc_mode, block_r, has_lse):
         constexprs["HAS_LSE"] = bool(has_lse)
@@ -714,7 +758,8 @@ def _main_kernel(acc_mode: int, block_r: int, has_lse: bool):
 def kernel_builds():
     """Every compiled configuration the launcher can choose (for the static GPU checks in
     :mod:`.builds`): each :data:`MASS_TILE_TABLE` entry, built at its head-dim class's D and at
-    its group class's widest stacking (8 heads per KV group, or the most the tile stacks), with
+    its group class's stacking (3 heads per KV group, packed as the KAWHI heads are, or the
+    most the tile stacks, a power of two), with
     every output mode its kernel serves (rows, segment atomics, deterministic partials), plus
     the deterministic segment reduction.
     Causal masking is on (off only drops the mask). Each build records its table key."""
@@ -740,7 +785,7 @@ def kernel_builds():
             outs = [_OUT_ROWS, _OUT_SEG_ATOMIC]
         elif kernel_name == "window":
             outs = [_OUT_ROWS, _OUT_PARTIAL]
-        gp = NARROW_GROUP if group == "narrow" else max_stacked_rows(dtype, d, acc)
+        gp = NARROW_BUILD_GROUP if group == "narrow" else max_stacked_rows(dtype, d, acc)
         for out in outs:
             constexprs, warps, stages = _launch_meta(
                 dtype, d, acc, block_r, out, gp, has_lse=has_lse, causal=True,
@@ -763,6 +808,51 @@ def kernel_builds():
             pointer_types={"part_ptr": "*fp32", "out_ptr": "*fp32"}, float_args=(),
             constexprs={"BLOCK": block}, num_warps=4, num_stages=3, tensor_cores=False))
     return builds
+
+
+# Head packing: a candidate split whose stacked rows per query row are within this factor of the
+# fewest is preferred when it has fewer groups (each group reads its KV head's K once more).
+PACK_TOLERANCE = 1.05
+
+
+def pack_head_groups(heads: list[int], group_size: int, stacked_rows: int, max_group: int,
+                     device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Selected query heads packed into KV groups without power-of-two padding: (kv int32 [G],
+    head int32 [G, GP], slot int32 [G, GP], GP), −1 padding for groups smaller than GP.
+
+    Each KV head's selected heads are split into near-equal parts of at most ``cap`` heads; a
+    program stacks ⌊stacked_rows / GP⌋ rows of its part (M = rows × GP stacked rows, GP any
+    size), so the work per query row is G / ⌊stacked_rows / GP⌋ stacked rows per M. The cap
+    (1..max_group) with the least work is taken, or, within :data:`PACK_TOLERANCE` of it, the
+    one with the fewest groups. E.g. the KAWHI heads {0, 1, 3 | 22–27} of Qwen2.5-VL-7B (7 query
+    heads per KV head) at M = 64: three groups of 3 heads × 21 rows (63 of 64 stacked rows real)
+    instead of two groups of 8 padded heads × 8 rows (9 of 16 real).
+    """
+    by_kv: dict[int, list[tuple[int, int]]] = {}
+    for slot, h in enumerate(heads):
+        by_kv.setdefault(h // group_size, []).append((h, slot))
+    largest = max(len(m) for m in by_kv.values())
+    candidates = []
+    for cap in range(1, max(1, min(max_group, stacked_rows, largest)) + 1):
+        groups = []
+        for kv in sorted(by_kv):
+            members = by_kv[kv]
+            parts = -(-len(members) // cap)
+            size = -(-len(members) // parts)
+            groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
+        gp = max(len(m) for _, m in groups)
+        work = len(groups) / max(1, stacked_rows // gp)
+        candidates.append((work, len(groups), groups, gp))
+    least = min(c[0] for c in candidates)
+    _, _, groups, gp = min((c for c in candidates if c[0] <= least * PACK_TOLERANCE),
+                           key=lambda c: (c[1], c[0]))
+    head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
+    for i, (_, members) in enumerate(groups):
+        for j, (h, slot) in enumerate(members):
+            head_tab[i, j], slot_tab[i, j] = h, slot
+    kv_tab = torch.tensor([kv for kv, _ in groups], dtype=torch.int32)
+    return kv_tab.to(device), head_tab.to(device), slot_tab.to(device), gp
 
 
 def interior_key_tiles(blocks: torch.Tensor, cu_seqlens_q_host: torch.Tensor,
@@ -907,7 +997,8 @@ def plan_attention_mass_triton(
     max_group = max_group_heads if max_group_heads is not None else max_stacked
     if max_group < 1:
         raise ValueError(f"max_group_heads: expected a positive int, got {max_group}")
-    kv_tab, head_tab, slot_tab, gp = head_groups(heads, num_heads // num_kv_heads, max_group, device)
+    kv_tab, head_tab, slot_tab, gp = pack_head_groups(heads, num_heads // num_kv_heads,
+                                                      max_stacked, max_group, device)
     out_mode = _output_mode(segmented, deterministic)
     launches = {has_lse: _launch_meta(
         dtype, head_dim, acc_mode, block_r, out_mode, gp, has_lse=has_lse, causal=causal,
@@ -1025,8 +1116,9 @@ def attention_mass_triton(
         causal: bottom-right aligned causal mask.
         softmax_scale: default 1/√D.
         deterministic: bit-identical results run to run (no float atomics).
-        block_rows: rows per block (default M // GP, at least 1, M = 64 stacked rows, 16 for
-            fp32); GP = heads per KV group, rounded up to a power of two.
+        block_rows: rows per block (default ⌊M / GP⌋, M = 64 stacked rows, 16 for fp32; GP =
+            heads per KV group as packed by :func:`pack_head_groups`, any size; a power-of-two
+            GP rounds the rows to a power of two).
         block_n: keys per tile (default 64, 32 for D > 128, 16 for fp32; a power of two ≥ 16).
         coarse_max_regions: R at or below which the register one-hot matmul path is used
             (0..64; wider register accumulators are not in the checked tile table).
