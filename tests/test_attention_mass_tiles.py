@@ -71,10 +71,17 @@ def test_headline_shape_tile_counts_one_pass_visits_fewer_than_two_passes():
     assert key_tile_visits(*tables, normaliser_pass=True, region_pass=True) == two_pass
     assert key_tile_visits(*tables, normaliser_pass=True, region_pass=False) == one_pass
     assert key_tile_visits(*tables, normaliser_pass=False, region_pass=True) == with_lse
-    # What the runs do: single pass without lse, the region pass alone with lse.
+    # What the runs do: single pass without lse; with lse the region pass alone, pipelined at
+    # 32 keys per tile (its table entry): 33 tiles of 32 over the image's keys 16..1039.
     assert plan.key_tile_visits(has_lse=False) == one_pass
-    assert plan.key_tile_visits(has_lse=True) == with_lse
+    lse_n = plan.tables[True].block_n
+    lse_tiles = -(-(prefix + image) // lse_n) - prefix // lse_n
+    assert (lse_n, lse_tiles) == (32, 33)
+    assert plan.key_tile_visits(has_lse=True) == programs * lse_tiles
+    assert plan.score_columns(True) == programs * lse_tiles * lse_n
+    assert plan.score_columns(False) == one_pass * block_n
     assert one_pass < two_pass and with_lse < one_pass
+    assert plan.score_columns(True) < plan.score_columns(False)
     assert image_tiles == 17 and len(per_seq) == 98
     # Interior (unmasked) tiles: all but the diagonal and partial tiles of each block.
     interior = sum(i for _, i in per_seq) * batch * groups
@@ -86,6 +93,7 @@ def test_headline_shape_tile_counts_one_pass_visits_fewer_than_two_passes():
     assert padded == 198656 and one_pass < 0.75 * padded
     # Per-patch regions cannot take the single pass: lse-free they visit both passes.
     patch, _ = _headline_plan(num_regions=1024)
+    assert patch.tables[False] is patch.tables[True]         # same BLOCK_N: tables shared
     assert patch.key_tile_visits(has_lse=False) == two_pass
     assert patch.key_tile_visits(has_lse=True) == with_lse
 

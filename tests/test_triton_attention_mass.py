@@ -306,8 +306,9 @@ def _all_masked(plan):
 
     from kawhi_kernels.triton.attention_mass import loop_tiles_table
 
-    return dataclasses.replace(plan, loop_tiles=loop_tiles_table(
-        torch.zeros_like(plan.interior_tiles), plan.region_tiles))
+    tables = {has_lse: dataclasses.replace(t, loop_tiles=loop_tiles_table(
+        torch.zeros_like(t.interior_tiles), t.region_tiles)) for has_lse, t in plan.tables.items()}
+    return dataclasses.replace(plan, tables=tables)
 
 
 @pytest.mark.parametrize("hq,hk,heads,d,dtype,kind,num_regions,deterministic,with_lse,segments,causal", [
@@ -345,8 +346,8 @@ def test_interior_tiles_unmasked_match_reference_on_awkward_shapes(
         deterministic=deterministic, block_n=16,
         query_segment_host=None if not seg_kwargs else seg_kwargs["query_segment"].cpu().long(),
         num_segments=seg_kwargs.get("num_segments", 0))
-    ti = plan.loop_tiles[:, 0].cpu()
-    tn = plan.block_key_tiles
+    ti = plan.tables[with_lse].loop_tiles[:, 0].cpu()
+    tn = plan.tables[with_lse].block_key_tiles
     assert (ti > 0).any() and (ti < tn).any()      # both loops run somewhere
     got = run_attention_mass_triton(plan, q, k, lse)
     torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")

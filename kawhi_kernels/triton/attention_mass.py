@@ -92,19 +92,12 @@ _ACC_WINDOW = 2      # per-tile one-hot matmul over region windows, load-add-sto
 # Names of the kernels a run may launch (module attributes, looked up at each launch).
 LAUNCHED_KERNELS = ("_mass_online_kernel", "_mass_coarse_kernel", "_mass_atomic_kernel",
                     "_mass_window_kernel", "_sum_partials_kernel")
-# ptxas register limit of the main kernels (8 warps may use 255): without it ptxas caps several
-# pipelined sm_80 builds at 128 registers and spills; with it the two-pass coarse kernel with
-# per-row output at the widest stacking (GP 64) spills instead (both found by the static builds),
-# so that one launch keeps ptxas's own choice.
+# Default ptxas register limit of the main kernels' table entries (8 warps may use 255): without
+# it ptxas caps several pipelined sm_80 builds at 128 registers and spills; the two-pass coarse
+# kernel spills with it and keeps ptxas's own choice (its entries' maxnreg None; static builds).
 MAX_REGISTERS = 255
 
 
-def _max_registers(constexprs: dict) -> int | None:
-    """The ``maxnreg`` of a launch of the main kernels (see ``MAX_REGISTERS``)."""
-    if "HAS_LSE" in constexprs and constexprs["OUT_MODE"] == _OUT_ROWS and constexprs["GP"] >= 64 \
-            and constexprs["BLOCK_R"] <= ONE_PASS_MAX_REGIONS:
-        return None
-    return MAX_REGISTERS
 # Largest R of the single-pass kernel (its [M, R] accumulator is rescaled every key tile).
 ONE_PASS_MAX_REGIONS = 64
 
@@ -452,7 +445,9 @@ def _mass_coarse_kernel(
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Coarse regions, two passes (normaliser given or pass 1, then p into regions):
-    acc[M, R] += P @ onehot(key → region) over the block's region tiles, written once."""
+    acc[M, R] += P @ onehot(key → region) over the block's region tiles, written once. The
+    interior region tiles are software-pipelined at NUM_STAGES (cp.async K loads); the few
+    masked diagonal/edge tiles run unpipelined (pipelining both loops spills on sm_80)."""
     q, k_base, k_start, seq, seg, grow, head64, slot, row_ok, limit, n_end = _program_block(
         q_ptr, k_ptr, cu_q_ptr, cu_k_ptr, blocks_ptr, group_kv_ptr, group_head_ptr,
         group_slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, head_dim, CAUSAL,
@@ -464,11 +459,11 @@ def _mass_coarse_kernel(
                        BLOCK_N, BLOCK_D, DOT_PRECISION)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for t in range(t0, tm):
+    for t in tl.range(t0, tm, num_stages=NUM_STAGES):
         acc = _coarse_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r, lse2, acc,
                            stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
                            False)
-    for t in range(tm, t1):
+    for t in tl.range(tm, t1, num_stages=1):
         acc = _coarse_step(q, k_base, region_base, t * BLOCK_N, n_end, limit, offs_r, lse2, acc,
                            stride_kt, head_dim, scale_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
                            True)
@@ -575,12 +570,14 @@ def _sum_partials_kernel(part_ptr, out_ptr, seg_start_ptr, seg_blocks_ptr, row_e
 @dataclass(frozen=True)
 class TileConfig:
     """One entry of :data:`MASS_TILE_TABLE`: stacked rows M (row block × group heads), keys per
-    tile, software-pipelining stages of the key loops, warps."""
+    tile, software-pipelining stages of the key loops, warps, and the ptxas register limit
+    (``maxnreg``; None: ptxas's own choice)."""
 
     stacked_rows: int
     block_n: int
     num_stages: int
     num_warps: int
+    maxnreg: int | None = MAX_REGISTERS
 
 
 # The configuration space the table draws from (DESIGN §7 / issue 13): M 64/128, BLOCK_N
@@ -610,11 +607,12 @@ NARROW_BUILD_GROUP = 3
 # (one-pass with coarse + lse; atomic/window with and without lse) keep equal M and
 # BLOCK_N (tested); stages and warps are free per entry.
 _HALF = {
-    # D ≤ 128
+    # D ≤ 128. The lse region pass is pipelined (cp.async) at 32 keys per tile: at 64 it spills
+    # on sm_80 with Triton 3.6 (88–136 B), and with the 255-register cap at any tile.
     (128, "one-pass", False, "narrow"): TileConfig(64, 64, 1, 8),
     (128, "one-pass", False, "wide"): TileConfig(64, 64, 1, 8),
-    (128, "coarse", True, "narrow"): TileConfig(64, 64, 1, 8),
-    (128, "coarse", True, "wide"): TileConfig(64, 64, 1, 8),
+    (128, "coarse", True, "narrow"): TileConfig(64, 32, 2, 8, None),
+    (128, "coarse", True, "wide"): TileConfig(64, 32, 2, 8, None),
     (128, "atomic", False, "narrow"): TileConfig(64, 64, 2, 8),
     (128, "atomic", False, "wide"): TileConfig(64, 64, 2, 8),
     (128, "atomic", True, "narrow"): TileConfig(64, 64, 2, 8),
@@ -626,8 +624,8 @@ _HALF = {
     # 128 < D ≤ 256: 32 keys per tile
     (256, "one-pass", False, "narrow"): TileConfig(64, 32, 1, 8),
     (256, "one-pass", False, "wide"): TileConfig(64, 32, 1, 8),
-    (256, "coarse", True, "narrow"): TileConfig(64, 32, 1, 8),
-    (256, "coarse", True, "wide"): TileConfig(64, 32, 1, 8),
+    (256, "coarse", True, "narrow"): TileConfig(64, 32, 2, 8, None),
+    (256, "coarse", True, "wide"): TileConfig(64, 32, 2, 8, None),
     (256, "atomic", False, "narrow"): TileConfig(64, 32, 2, 8),
     (256, "atomic", False, "wide"): TileConfig(64, 32, 2, 8),
     (256, "atomic", True, "narrow"): TileConfig(64, 32, 2, 8),
@@ -801,7 +799,8 @@ def kernel_builds():
                 float_args=("scale_log2",), constexprs=constexprs,
                 num_warps=warps, num_stages=stages, tensor_cores=True,
                 async_copies=stages > 1 and acc != _ACC_WINDOW,
-                maxnreg=_max_registers(constexprs), table_key=key))
+                maxnreg=_tile_config(dtype, d, acc, block_r, has_lse, gp).maxnreg,
+                table_key=key))
     for block in (16, 1024):
         builds.append(KernelBuild(
             name=f"attention_mass segment partials BLOCK={block}", kernel=_sum_partials_kernel,
@@ -898,11 +897,43 @@ def loop_tiles_table(interior: torch.Tensor, region_ranges: torch.Tensor) -> tor
 
 
 @dataclass(frozen=True)
+class KeyTileTables:
+    """The key-tile tables of one launch's BLOCK_N (see :mod:`.._fused_host`): per sequence its
+    first tile (tile_base int32 [B]), per tile its region span (tile_rmin/tile_rmax int32 [T]),
+    per row block its visible tiles (block_key_tiles int64 [num_blocks], CPU), region range
+    (region_tiles int32 [num_blocks, 2]), interior tiles (interior_tiles int64, CPU) and the
+    kernels' loop bounds (loop_tiles int32 [num_blocks, 4], :func:`loop_tiles_table`)."""
+
+    block_n: int
+    tile_base: torch.Tensor
+    tile_rmin: torch.Tensor
+    tile_rmax: torch.Tensor
+    block_key_tiles: torch.Tensor
+    region_tiles: torch.Tensor
+    interior_tiles: torch.Tensor
+    loop_tiles: torch.Tensor
+
+
+def key_tile_tables(blocks_host: torch.Tensor, cu_seqlens_q_host: torch.Tensor,
+                    cu_seqlens_k_host: torch.Tensor, key_region: torch.Tensor, block_n: int,
+                    causal: bool) -> KeyTileTables:
+    """:class:`KeyTileTables` of a layout at ``block_n`` keys per tile (no device→host sync)."""
+    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, block_n)
+    visible = block_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host, block_n, causal)
+    ranges = region_tile_ranges(blocks_host, visible, cu_seqlens_k_host, tile_rmax, block_n)
+    interior = interior_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host, block_n,
+                                  causal)
+    return KeyTileTables(block_n, tile_base, tile_rmin, tile_rmax, visible, ranges, interior,
+                         loop_tiles_table(interior, ranges))
+
+
+@dataclass(frozen=True)
 class MassLaunchPlan:
     """Everything one ``attention_mass`` launch needs except q, k and lse: built once per batch
-    layout by :func:`plan_attention_mass_triton`, on the layout's device. The tables do not
-    depend on ``lse``; the launch parameters of both cases are planned (``launches[has_lse]``:
-    (constexprs, num_warps, num_stages)), and each run picks its kernel (:func:`_main_kernel`).
+    layout by :func:`plan_attention_mass_triton`, on the layout's device. The launch parameters
+    of both cases are planned (``launches[has_lse]``: (constexprs, num_warps, num_stages)) with
+    their key-tile tables (``tables[has_lse]``, shared when both use the same BLOCK_N; the row
+    blocks are always shared), and each run picks its kernel (:func:`_main_kernel`).
 
     ``run_attention_mass_triton`` reads only these tensors and Python values: no host sync, no
     data-dependent shape.
@@ -917,18 +948,13 @@ class MassLaunchPlan:
     acc_mode: int
     block_r: int
     launches: dict
+    maxnreg: dict
+    tables: dict
     scale_log2: float
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     region: torch.Tensor
     blocks: torch.Tensor
-    block_key_tiles: torch.Tensor
-    region_tiles: torch.Tensor
-    interior_tiles: torch.Tensor
-    loop_tiles: torch.Tensor
-    tile_base: torch.Tensor
-    tile_rmin: torch.Tensor
-    tile_rmax: torch.Tensor
     kv_tab: torch.Tensor
     head_tab: torch.Tensor
     slot_tab: torch.Tensor
@@ -941,15 +967,39 @@ class MassLaunchPlan:
 
     @property
     def constexprs(self) -> dict:
-        """Constexprs of the launch without ``lse`` (tiles are the same with it)."""
+        """Constexprs of the launch without ``lse``."""
         return self.launches[False][0]
 
+    # The lse-free launch's key-tile tables (what the tile-count tests read).
+    @property
+    def block_key_tiles(self) -> torch.Tensor:
+        return self.tables[False].block_key_tiles
+
+    @property
+    def region_tiles(self) -> torch.Tensor:
+        return self.tables[False].region_tiles
+
+    @property
+    def interior_tiles(self) -> torch.Tensor:
+        return self.tables[False].interior_tiles
+
+    @property
+    def loop_tiles(self) -> torch.Tensor:
+        return self.tables[False].loop_tiles
+
     def key_tile_visits(self, has_lse: bool) -> int:
-        """QKᵀ tiles a run visits (all programs; :func:`.._fused_host.key_tile_visits` over the
-        plan's own loop tables; syncs once for the region ranges: not for the hot path)."""
+        """QKᵀ tiles ([M, BLOCK_N] score tiles at that launch's BLOCK_N) a run visits over all
+        programs (:func:`.._fused_host.key_tile_visits` over the launch's own loop tables; syncs
+        once for the region ranges: not for the hot path)."""
         single = _single_pass(self.acc_mode, self.block_r, has_lse)
-        return key_tile_visits(self.block_key_tiles, self.region_tiles, self.kv_tab.numel(),
+        t = self.tables[has_lse]
+        return key_tile_visits(t.block_key_tiles, t.region_tiles, self.kv_tab.numel(),
                                normaliser_pass=not has_lse, region_pass=not single)
+
+    def score_columns(self, has_lse: bool) -> int:
+        """Stacked-row × key products per M a run computes: key_tile_visits × BLOCK_N (comparable
+        across launches of different BLOCK_N)."""
+        return self.key_tile_visits(has_lse) * self.tables[has_lse].block_n
 
 
 def plan_attention_mass_triton(
@@ -1005,31 +1055,30 @@ def plan_attention_mass_triton(
         dot_precision_=dot_precision(device), block_rows=block_rows, block_n=block_n)
         for has_lse in (False, True)}
     tiles = launches[False][0]
-    if any(launches[True][0][key] != tiles[key] for key in ("BLOCK_ROWS", "BLOCK_N")):
-        raise AssertionError("the row-block and key-tile tables are shared by both launches")
+    if launches[True][0]["BLOCK_ROWS"] != tiles["BLOCK_ROWS"]:
+        raise AssertionError("the row-block table is shared by both launches")
     blocks_host = row_blocks(cu_seqlens_q_host, cu_seqlens_k_host, tiles["BLOCK_ROWS"],
                              query_segment_host)
-    tile_base, tile_rmin, tile_rmax = key_tiles(cu_seqlens_k_host, key_region, tiles["BLOCK_N"])
-    visible_tiles = block_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host,
-                                    tiles["BLOCK_N"], causal)
-    region_tiles = region_tile_ranges(blocks_host, visible_tiles, cu_seqlens_k_host, tile_rmax,
-                                      tiles["BLOCK_N"])
-    interior = interior_key_tiles(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host,
-                                  tiles["BLOCK_N"], causal)
+    by_n = {}
+    for has_lse in (False, True):
+        n = launches[has_lse][0]["BLOCK_N"]
+        if n not in by_n:
+            by_n[n] = key_tile_tables(blocks_host, cu_seqlens_q_host, cu_seqlens_k_host,
+                                      key_region, n, causal)
+    tables = {has_lse: by_n[launches[has_lse][0]["BLOCK_N"]] for has_lse in (False, True)}
     seg_start = seg_order = None
     if out_mode == _OUT_PARTIAL:
         seg_start, seg_order = (t.to(device) for t in segment_block_lists(blocks_host, num_segments))
     return MassLaunchPlan(
         device=device, heads=tuple(heads), num_out=num_out, num_regions=num_regions,
         num_segments=num_segments, out_mode=out_mode, acc_mode=acc_mode, block_r=block_r,
-        launches=launches, scale_log2=scale * LOG2E,
+        launches=launches, tables=tables, scale_log2=scale * LOG2E,
+        maxnreg={has_lse: _tile_config(dtype, head_dim, acc_mode, block_r, has_lse, gp).maxnreg
+                 for has_lse in (False, True)},
         cu_q=cu_seqlens_q_host.to(device=device, dtype=torch.int32),
         cu_k=cu_seqlens_k_host.to(device=device, dtype=torch.int32),
         region=key_region.to(dtype=torch.int32).contiguous(),
-        blocks=blocks_host.to(device), block_key_tiles=visible_tiles, region_tiles=region_tiles,
-        interior_tiles=interior, loop_tiles=loop_tiles_table(interior, region_tiles),
-        tile_base=tile_base, tile_rmin=tile_rmin,
-        tile_rmax=tile_rmax, kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
+        blocks=blocks_host.to(device), kv_tab=kv_tab, head_tab=head_tab, slot_tab=slot_tab,
         seg_start=seg_start, seg_order=seg_order)
 
 
@@ -1060,13 +1109,14 @@ def run_attention_mass_triton(plan: MassLaunchPlan, q: torch.Tensor, k: torch.Te
         lse_arg, stride_lh, stride_lt = lse, lse.stride(0), lse.stride(1)
     has_lse = lse is not None
     constexprs, num_warps, num_stages = plan.launches[has_lse]
+    tables = plan.tables[has_lse]
     kernel = _main_kernel(plan.acc_mode, plan.block_r, has_lse)
-    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=_max_registers(constexprs))
+    extra = launch_options(num_warps, num_stages=num_stages, maxnreg=plan.maxnreg[has_lse])
     with device_guard(device):              # Triton launches on the current device
         kernel[(plan.num_blocks, plan.kv_tab.numel())](
             q, k, plan.region, lse_arg, target,
-            plan.cu_q, plan.cu_k, plan.blocks, plan.loop_tiles, plan.tile_base, plan.tile_rmin,
-            plan.tile_rmax,
+            plan.cu_q, plan.cu_k, plan.blocks, tables.loop_tiles, tables.tile_base,
+            tables.tile_rmin, tables.tile_rmax,
             plan.kv_tab, plan.head_tab, plan.slot_tab,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_lh, stride_lt,
             target.stride(0), target.stride(1),
