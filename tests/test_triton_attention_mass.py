@@ -214,6 +214,13 @@ def test_fp64_falls_back_to_reference():
     assert torch.equal(got, want)
 
 
+def test_coarse_max_regions_beyond_the_tile_table_is_a_clear_error():
+    q, k, cu_q, cu_k = random_qk(0, [2], [2], 1, 1, 64)
+    with pytest.raises(ValueError, match="coarse_max_regions"):
+        attention_mass_triton(q, k, cu_q, cu_k, torch.zeros(2, dtype=torch.int32, device=DEVICE), 1,
+                              coarse_max_regions=128)
+
+
 def test_head_dim_over_limit_is_a_clear_error():
     q, k, cu_q, cu_k = random_qk(0, [2], [2], 1, 1, 264)
     with pytest.raises(ValueError, match="q: head dim 264"):
@@ -274,3 +281,119 @@ def test_gpu_offsets_beyond_int32():
     want = attention_mass_reference(q, k[first:], torch.tensor([0, 8], device=DEVICE),
                                     torch.tensor([0, 64], device=DEVICE), key_region[first:], 3)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interior key tiles run unmasked (planner's loop table): unchanged results on awkward shapes.
+
+# Ragged: Lq > Lk (first causal rows see nothing), an empty query sequence, Lq == Lk, Lq < Lk
+# (interior tiles before the diagonal), a partial last key tile everywhere.
+AWKWARD_Q = [40, 0, 9, 33, 21]
+AWKWARD_K = [30, 5, 50, 33, 70]
+
+
+def _awkward_regions(kind, num_regions):
+    region = (coarse_regions if kind == "coarse" else patch_regions)(3, AWKWARD_K, num_regions)
+    # Sequence 3 has image keys only at 20..32: its causal rows 0..19 see no region key.
+    start = sum(AWKWARD_K[:3])
+    region[start:start + 20] = -1
+    return region
+
+
+def _all_masked(plan):
+    """The same plan with no interior tile: every key tile takes the masked path."""
+    import dataclasses
+
+    from kawhi_kernels.triton.attention_mass import loop_tiles_table
+
+    tables = {has_lse: dataclasses.replace(t, loop_tiles=loop_tiles_table(
+        torch.zeros_like(t.interior_tiles), t.region_tiles)) for has_lse, t in plan.tables.items()}
+    return dataclasses.replace(plan, tables=tables)
+
+
+@pytest.mark.parametrize("hq,hk,heads,d,dtype,kind,num_regions,deterministic,with_lse,segments,causal", [
+    (3, 3, [2, 0], 48, torch.float32, "coarse", 5, False, False, "random", True),
+    (8, 2, [1, 6, 7, 4], 80, torch.float16, "coarse", 5, True, True, None, True),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 96, torch.bfloat16, "coarse", 5, False, False, None, True),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 48, torch.float32, "patch", 70, False, True, "random", True),
+    (8, 2, [1, 6, 7, 4], 96, torch.bfloat16, "patch", 70, True, False, "random", True),
+    (3, 3, [2, 0], 80, torch.float16, "patch", 70, True, True, None, True),
+    (8, 2, [1, 6, 7, 4], 48, torch.float32, "coarse", 5, False, True, None, False),
+    (7, 1, [0, 2, 3, 4, 5, 6, 1], 80, torch.float16, "patch", 70, True, False, None, False),
+])
+def test_interior_tiles_unmasked_match_reference_on_awkward_shapes(
+        hq, hk, heads, d, dtype, kind, num_regions, deterministic, with_lse, segments, causal):
+    """GQA 1/4/7, non-power-of-two head dims, ragged causal batches, an empty segment, rows
+    without a visible region key: the split loops (unmasked interior + masked edge tiles) equal
+    the reference, and (bit-for-bit on the deterministic paths) the all-masked launch."""
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+
+    seed = fresh_seed()
+    q, k, cu_q, cu_k = random_qk(seed, AWKWARD_Q, AWKWARD_K, hq, hk, d, dtype)
+    region = _awkward_regions(kind, num_regions)
+    seg_kwargs = {}
+    if segments == "random":
+        g = torch.Generator().manual_seed(seed)
+        seg = torch.randint(-1, 3, (q.shape[0],), generator=g, dtype=torch.int32)
+        seg_kwargs = {"query_segment": seg.to(DEVICE), "num_segments": 4}       # 3 is empty
+    scale = default_scale(d)
+    lse = reference_lse(q, k, cu_q, cu_k, causal, scale) if with_lse else None
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, heads=heads, lse=lse,
+                                    causal=causal, softmax_scale=scale, **seg_kwargs)
+    plan = plan_attention_mass_triton(
+        cu_q.cpu().long(), cu_k.cpu().long(), region, num_regions, dtype=q.dtype, num_heads=hq,
+        num_kv_heads=hk, head_dim=d, heads=heads, causal=causal, softmax_scale=scale,
+        deterministic=deterministic, block_n=16,
+        query_segment_host=None if not seg_kwargs else seg_kwargs["query_segment"].cpu().long(),
+        num_segments=seg_kwargs.get("num_segments", 0))
+    ti = plan.tables[with_lse].loop_tiles[:, 0].cpu()
+    tn = plan.tables[with_lse].block_key_tiles
+    assert (ti > 0).any() and (ti < tn).any()      # both loops run somewhere
+    got = run_attention_mass_triton(plan, q, k, lse)
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+    masked = run_attention_mass_triton(_all_masked(plan), q, k, lse)
+    if deterministic:
+        assert torch.equal(got, masked), f"seed {seed}"
+    else:
+        torch.testing.assert_close(got, masked, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")
+    if segments:
+        assert torch.all(got[3] == 0)                     # the empty segment
+    elif causal:
+        s3 = sum(AWKWARD_Q[:3])
+        assert torch.all(got[s3:s3 + 20] == 0)            # no visible region key (causal)
+        assert got[s3 + 20:s3 + 33].sum() > 0
+
+
+@pytest.mark.parametrize("kind,num_regions,deterministic,with_lse,segmented", [
+    ("coarse", 6, False, False, False), ("coarse", 6, False, True, True),
+    ("coarse", 6, True, False, True), ("patch", 80, False, False, True),
+    ("patch", 80, True, True, True), ("patch", 80, True, False, False)])
+def test_packed_head_groups_without_power_of_two_padding(kind, num_regions, deterministic,
+                                                         with_lse, segmented):
+    """The KAWHI heads of a Qwen2.5-VL-7B layout (Hq 28, Hk 4): packed as 3 groups of 3 heads
+    (GP 3, not a power of two; rows × GP < M) in every mode — per-row output, segment atomics,
+    deterministic partials, the per-tile selector sums of the atomic/windowed paths — equal the
+    reference."""
+    from kawhi_kernels.triton.attention_mass import plan_attention_mass_triton, run_attention_mass_triton
+
+    seed = fresh_seed()
+    lens_q, lens_k = [30, 0, 23], [40, 3, 50]
+    heads = [0, 1, 3, 22, 23, 24, 25, 26, 27]
+    q, k, cu_q, cu_k = random_qk(seed, lens_q, lens_k, 28, 4, 32, torch.float16)
+    region = (coarse_regions if kind == "coarse" else patch_regions)(seed + 1, lens_k, num_regions)
+    seg_kwargs = ({"query_segment": run_segments(seed + 2, lens_q, 5), "num_segments": 5}
+                  if segmented else {})
+    lse = reference_lse(q, k, cu_q, cu_k, True, default_scale(32)) if with_lse else None
+    plan = plan_attention_mass_triton(
+        cu_q.cpu().long(), cu_k.cpu().long(), region, num_regions, dtype=q.dtype, num_heads=28,
+        num_kv_heads=4, head_dim=32, heads=heads, deterministic=deterministic, block_n=16,
+        query_segment_host=(seg_kwargs["query_segment"].cpu().long() if segmented else None),
+        num_segments=seg_kwargs.get("num_segments", 0))
+    constexprs = plan.launches[with_lse][0]
+    assert plan.head_tab.tolist() == [[0, 1, 3], [22, 23, 24], [25, 26, 27]]
+    assert (constexprs["GP"], constexprs["BLOCK_ROWS"], constexprs["BLOCK_M"]) == (3, 21, 64)
+    want = attention_mass_reference(q, k, cu_q, cu_k, region, num_regions, heads=heads, lse=lse,
+                                    **seg_kwargs)
+    got = run_attention_mass_triton(plan, q, k, lse)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, **MASS_TOL, msg=lambda m: f"seed {seed}: {m}")

@@ -11,7 +11,7 @@ have asynchronous copies.
 
 Usage (prints a markdown table, optionally writes JSON)::
 
-    python -m kawhi_kernels.triton.builds --arch 80 90 --jobs 2 [--json out.json]
+    python -m kawhi_kernels.triton.builds --arch 80 90 --jobs 2 [--json out.json] [--only TEXT ...]
 
 Do not run it with ``TRITON_INTERPRET=1`` set: the interpreter replaces compilation.
 """
@@ -48,6 +48,7 @@ class KernelBuild:
         maxnreg: register limit per thread given to ptxas (as the launcher passes it), or None.
         async_copies: whether its key loop must be software-pipelined, i.e. its SASS must hold
             asynchronous global→shared copies (LDGSTS cp.async or UTMALDG TMA).
+        table_key: the launcher's tile-table key this build checks (None: no table).
     """
 
     name: str
@@ -60,6 +61,7 @@ class KernelBuild:
     tensor_cores: bool
     async_copies: bool = False
     maxnreg: int | None = None
+    table_key: tuple | None = None
 
     def signature(self) -> dict:
         sig = {}
@@ -159,11 +161,14 @@ def _job(args):
     return compile_and_inspect(all_kernel_builds()[index], arch)
 
 
-def run_checks(archs, jobs: int = 1) -> list[dict]:
-    """Compile every build for every arch (``jobs`` processes) and return the report rows."""
+def run_checks(archs, jobs: int = 1, only: list[str] | None = None) -> list[dict]:
+    """Compile every build (or those whose name contains every string of ``only``) for every
+    arch (``jobs`` processes) and return the report rows."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 is set: unset it to compile for a GPU target")
-    work = [(i, arch) for arch in archs for i in range(len(all_kernel_builds()))]
+    names = [b.name for b in all_kernel_builds()]
+    picked = [i for i, name in enumerate(names) if all(part in name for part in (only or ()))]
+    work = [(i, arch) for arch in archs for i in picked]
     if jobs <= 1:
         return [_job(w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -193,8 +198,10 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile processes (default: all CPUs)")
     parser.add_argument("--json", help="also write the report rows to this JSON file")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="compile only the builds whose name contains every TEXT (iterating)")
     args = parser.parse_args(argv)
-    rows = run_checks(args.arch, args.jobs)
+    rows = run_checks(args.arch, args.jobs, args.only)
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:
