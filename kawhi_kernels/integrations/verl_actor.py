@@ -45,6 +45,18 @@ def _boundaries_from_position_ids(position_ids: torch.Tensor, total: int) -> tor
     return torch.cat([starts, torch.tensor([total], dtype=torch.int32, device=pos.device)])
 
 
+def _packed_qk(query_states: torch.Tensor, key_states: torch.Tensor, cu_seqlens, position_ids):
+    """q [T, Hq, D], k [T, Hk, D] and int32 cu_seqlens of a packed flash-attention call whose q/k
+    arrive as [1, T, H, D]: the call's own cu_seqlens when given, else derived from the position
+    ids, else one sequence."""
+    q = query_states.reshape(-1, *query_states.shape[-2:])
+    k = key_states.reshape(-1, *key_states.shape[-2:])
+    if cu_seqlens is None:
+        cu_seqlens = _boundaries_from_position_ids(position_ids, q.shape[0]) if position_ids is not None \
+            else torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    return q, k, cu_seqlens
+
+
 class _AlphaTap:
     """Base of the α taps: layer gating, the α computation and the temporary module-global wraps.
 
@@ -160,12 +172,7 @@ class VerlQwen2VLAlphaTap(_AlphaTap):
             def wrap(original):
                 def _custom_flash_attention_forward(query_states, key_states, *args, **kwargs):
                     if self._active and self.sp_group is None:
-                        q = query_states.reshape(-1, *query_states.shape[-2:])
-                        k = key_states.reshape(-1, *key_states.shape[-2:])
-                        position_ids = kwargs.get("position_ids")
-                        cu = _boundaries_from_position_ids(position_ids, q.shape[0]) if position_ids is not None \
-                            else torch.tensor([0, q.shape[0]], dtype=torch.int32)
-                        self._compute(q, k, cu)
+                        self._compute(*_packed_qk(query_states, key_states, None, kwargs.get("position_ids")))
                     return original(query_states, key_states, *args, **kwargs)
                 return _custom_flash_attention_forward
             return wrap
@@ -192,14 +199,8 @@ class VerlFlashAttentionAlphaTap(_AlphaTap):
         def wrap(original):
             def _flash_attention_forward(query_states, key_states, *args, **kwargs):
                 if self._active:
-                    q = query_states.reshape(-1, *query_states.shape[-2:])
-                    k = key_states.reshape(-1, *key_states.shape[-2:])
-                    cu = kwargs.get("cu_seq_lens_q")
-                    if cu is None:
-                        position_ids = kwargs.get("position_ids")
-                        cu = _boundaries_from_position_ids(position_ids, q.shape[0]) if position_ids is not None \
-                            else torch.tensor([0, q.shape[0]], dtype=torch.int32)
-                    self._compute(q, k, cu)
+                    self._compute(*_packed_qk(query_states, key_states, kwargs.get("cu_seq_lens_q"),
+                                              kwargs.get("position_ids")))
                 return original(query_states, key_states, *args, **kwargs)
             return _flash_attention_forward
         return wrap
