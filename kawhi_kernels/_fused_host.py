@@ -103,16 +103,35 @@ def head_groups(heads: list[int], group_size: int, max_group: int, device) -> tu
     most ``max_group`` heads (each reads that KV head's K once), so the stacked tile of
     M = rows × GP never outgrows what the tile configuration was checked for.
     """
+    groups = split_head_groups(heads_by_kv(heads, group_size), max_group)
+    return head_group_tables(groups, next_pow2(max(len(m) for _, m in groups)), device)
+
+
+HeadGroups = list[tuple[int, list[tuple[int, int]]]]   # (kv head, [(query head, slot), ...])
+
+
+def heads_by_kv(heads: list[int], group_size: int) -> dict[int, list[tuple[int, int]]]:
+    """The selected query heads (with their output slots) of each KV head."""
     by_kv: dict[int, list[tuple[int, int]]] = {}
     for slot, h in enumerate(heads):
         by_kv.setdefault(h // group_size, []).append((h, slot))
-    groups: list[tuple[int, list[tuple[int, int]]]] = []
+    return by_kv
+
+
+def split_head_groups(by_kv: dict[int, list[tuple[int, int]]], cap: int) -> HeadGroups:
+    """Each KV head's selected heads split into near-equal groups of at most ``cap`` heads."""
+    groups: HeadGroups = []
     for kv in sorted(by_kv):
         members = by_kv[kv]
-        parts = -(-len(members) // max_group)
+        parts = -(-len(members) // cap)
         size = -(-len(members) // parts)
         groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
-    gp = next_pow2(max(len(m) for _, m in groups))
+    return groups
+
+
+def head_group_tables(groups: HeadGroups, gp: int, device) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(kv int32 [G], head int32 [G, gp], slot int32 [G, gp], gp) of ``groups``, −1 padded."""
     head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
     slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
     for i, (_, members) in enumerate(groups):

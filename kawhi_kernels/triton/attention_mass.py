@@ -60,12 +60,15 @@ import triton.language as tl
 from .._backend import check_head_dim, triton_mass_head_dim_limit
 from .._fused_host import (
     block_key_tiles,
+    head_group_tables,
+    heads_by_kv,
     key_tile_visits,
     key_tiles,
     last_dim_contiguous,
     region_tile_ranges,
     row_blocks,
     segment_block_lists,
+    split_head_groups,
 )
 from ._utils import (
     compiled_dot_precision,
@@ -827,31 +830,18 @@ def pack_head_groups(heads: list[int], group_size: int, stacked_rows: int, max_g
     heads per KV head) at M = 64: three groups of 3 heads × 21 rows (63 of 64 stacked rows real)
     instead of two groups of 8 padded heads × 8 rows (9 of 16 real).
     """
-    by_kv: dict[int, list[tuple[int, int]]] = {}
-    for slot, h in enumerate(heads):
-        by_kv.setdefault(h // group_size, []).append((h, slot))
+    by_kv = heads_by_kv(heads, group_size)
     largest = max(len(m) for m in by_kv.values())
     candidates = []
     for cap in range(1, max(1, min(max_group, stacked_rows, largest)) + 1):
-        groups = []
-        for kv in sorted(by_kv):
-            members = by_kv[kv]
-            parts = -(-len(members) // cap)
-            size = -(-len(members) // parts)
-            groups.extend((kv, members[i:i + size]) for i in range(0, len(members), size))
+        groups = split_head_groups(by_kv, cap)
         gp = max(len(m) for _, m in groups)
         work = len(groups) / max(1, stacked_rows // gp)
         candidates.append((work, len(groups), groups, gp))
     least = min(c[0] for c in candidates)
     _, _, groups, gp = min((c for c in candidates if c[0] <= least * PACK_TOLERANCE),
                            key=lambda c: (c[1], c[0]))
-    head_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
-    slot_tab = torch.full((len(groups), gp), -1, dtype=torch.int32)
-    for i, (_, members) in enumerate(groups):
-        for j, (h, slot) in enumerate(members):
-            head_tab[i, j], slot_tab[i, j] = h, slot
-    kv_tab = torch.tensor([kv for kv, _ in groups], dtype=torch.int32)
-    return kv_tab.to(device), head_tab.to(device), slot_tab.to(device), gp
+    return head_group_tables(groups, gp, device)
 
 
 def interior_key_tiles(blocks: torch.Tensor, cu_seqlens_q_host: torch.Tensor,
